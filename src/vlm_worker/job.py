@@ -1,0 +1,265 @@
+"""One job, from raw input to streamed chunks: validate, load images, render, generate.
+
+Every failure becomes one ``{"error": {...}}`` chunk (the stream's last), raised as a
+``WorkerError`` somewhere below and turned into the client shape here only. Cancellation
+is not a failure: it propagates, and the engine iterator's ``finally`` aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import Delta, Engine, EngineRequest
+from .errors import InvalidInput, WorkerError, internal_error
+from .fetch import ImageFetcher
+from .images import PreparedImage, decode_inline, is_url, prepare_image
+from .inputs import Job, parse_job
+from .prompt import check_length, normalize_placeholders, render, template_messages
+from .settings import WorkerSettings
+from .stream import BatchPolicy, batched
+
+log = logging.getLogger("vlm_worker.job")
+
+
+class ErrorBody(dict):
+    """The error object; ``str()`` gives JSON, because the runpod SDK reports a failed
+    stream's error as ``str(output["error"])`` and clients should be able to parse it."""
+
+    def __str__(self) -> str:
+        return json.dumps(self, ensure_ascii=False)
+
+
+def error_chunk(err: WorkerError) -> dict[str, Any]:
+    return {"error": ErrorBody(err.to_dict()["error"])}
+
+
+@dataclass
+class Prepared:
+    """A validated job, ready for the engine."""
+
+    job: Job
+    prompt: str
+    images: list[PreparedImage]
+    prompt_tokens: int
+    sampling: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Clock:
+    start: float = field(default_factory=time.perf_counter)
+    ready: float | None = None
+    first_token: float | None = None
+    end: float | None = None
+
+    def timings(self, completion_tokens: int) -> dict[str, float | None]:
+        end = self.end or time.perf_counter()
+        ready = self.ready or end
+        gen_s = end - ready
+
+        def ms(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round((b - a) * 1000, 2)
+
+        return {
+            "preprocess_ms": ms(self.start, self.ready),
+            "time_to_first_token_ms": ms(self.start, self.first_token),
+            "generation_ms": ms(ready, end),
+            "total_ms": ms(self.start, end),
+            "tokens_per_second": round(completion_tokens / gen_s, 2) if gen_s > 0 else None,
+        }
+
+
+class JobRunner:
+    """Runs jobs against one engine; shared by every concurrent job of the worker."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: WorkerSettings,
+        *,
+        executor: Executor | None = None,
+        fetcher: ImageFetcher | None = None,
+        on_fatal: Callable[[WorkerError], None] | None = None,
+    ) -> None:
+        from .fetch import FetchLimits
+
+        self.engine = engine
+        self.settings = settings
+        self.executor = executor
+        self.fetcher = fetcher or ImageFetcher(
+            FetchLimits(settings.max_image_bytes, settings.image_fetch_timeout)
+        )
+        self.on_fatal = on_fatal
+        self.policy = BatchPolicy(
+            settings.default_min_batch_size,
+            settings.default_batch_size,
+            settings.default_batch_size_growth_factor,
+        )
+        self.in_flight = 0
+        self._chat_template = settings.chat_template_text()
+
+    async def run(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The runpod handler body: an async generator of chunks for one job."""
+        job_id = str(job.get("id") or f"job-{uuid.uuid4().hex[:12]}")
+        clock = Clock()
+        self.in_flight += 1
+        try:
+            prepared = await self.prepare(job.get("input"), job_id)
+            clock.ready = time.perf_counter()
+            log.info("job accepted", extra={"job_id": job_id, **_summary(prepared, clock)})
+            async for chunk in self.generate(job_id, prepared, clock):
+                yield chunk
+        except WorkerError as err:
+            log.warning(
+                "job failed",
+                extra={
+                    "job_id": job_id,
+                    "error_type": err.type,
+                    "field": err.field,
+                    "error": err.message,
+                },
+            )
+            yield error_chunk(err)
+            if err.fatal and self.on_fatal is not None:
+                self.on_fatal(err)
+        except (asyncio.CancelledError, GeneratorExit):
+            log.info("job cancelled", extra={"job_id": job_id})
+            raise
+        except Exception as exc:
+            log.exception("job crashed", extra={"job_id": job_id})
+            yield error_chunk(internal_error(exc))
+        finally:
+            self.in_flight -= 1
+
+    # ----------------------------------------------------------------- stages
+    async def prepare(self, raw: Any, job_id: str) -> Prepared:
+        job = parse_job(raw)
+        sources = job.image_sources()
+        limit = self.settings.max_images_per_job
+        if len(sources) > limit:
+            raise InvalidInput(
+                f"the job has {len(sources)} images; MAX_IMAGES_PER_JOB is {limit}",
+                field=sources[limit][0],
+            )
+        images = list(await asyncio.gather(*(self._image(f, s) for f, s in sources)))
+        loop = asyncio.get_running_loop()
+        prompt, tokens = await loop.run_in_executor(self.executor, self._prompt, job, images)
+        sampling, warnings = self._sampling(job, tokens)
+        return Prepared(job, prompt, images, tokens, sampling, warnings)
+
+    async def _image(self, field: str, source: str) -> PreparedImage:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        if is_url(source):
+            data = await self.fetcher.fetch(source, field)
+        else:
+            data = await loop.run_in_executor(
+                self.executor, decode_inline, source, field, settings.max_image_bytes
+            )
+        info = self.engine.info
+        return await loop.run_in_executor(
+            self.executor,
+            lambda: prepare_image(
+                data,
+                field=field,
+                geometry=info.geometry,
+                processor=info.image_processor,
+                max_source_pixels=settings.max_image_source_pixels,
+            ),
+        )
+
+    def _prompt(self, job: Job, images: list[PreparedImage]) -> tuple[str, int]:
+        info = self.engine.info
+        text = render(info.templater, template_messages(job.messages), self._chat_template)
+        text = normalize_placeholders(text, len(images), info.placeholder, info.image_token)
+        image_tokens = sum(
+            info.geometry.image_tokens(h, w) for (w, h) in (img.resized_size for img in images)
+        )
+        tokens = info.count_text_tokens(text) - len(images) + image_tokens
+        check_length(tokens, info.max_model_len)
+        return text, tokens
+
+    def _sampling(self, job: Job, prompt_tokens: int) -> tuple[dict[str, Any], list[str]]:
+        info = self.engine.info
+        values: dict[str, Any] = {**info.default_sampling, **job.sampling_params.set_values()}
+        values.setdefault("max_tokens", self.settings.default_max_tokens)
+        warnings: list[str] = []
+        room = info.max_model_len - prompt_tokens
+        if values["max_tokens"] > room:
+            warnings.append(
+                f"max_tokens {values['max_tokens']} lowered to {room}: the prompt uses "
+                f"{prompt_tokens} of MAX_MODEL_LEN={info.max_model_len} tokens"
+            )
+            values["max_tokens"] = room
+        if values.get("min_tokens", 0) > values["max_tokens"]:
+            raise InvalidInput(
+                f"min_tokens {values['min_tokens']} is above max_tokens {values['max_tokens']}",
+                field="sampling_params.min_tokens",
+            )
+        return values, warnings
+
+    async def generate(
+        self, job_id: str, prepared: Prepared, clock: Clock
+    ) -> AsyncIterator[dict[str, Any]]:
+        request = EngineRequest(
+            request_id=job_id,
+            prompt=prepared.prompt,
+            images=[img.image for img in prepared.images],
+            sampling=prepared.sampling,
+        )
+        deltas = self.engine.generate(request)
+        total = Delta()
+        stream = prepared.job.stream
+        source = batched(deltas, self.policy) if stream else deltas
+        async for delta in source:
+            if clock.first_token is None and delta.first_token_at is not None:
+                clock.first_token = delta.first_token_at
+            total.merge(delta)
+            if stream and not delta.finished and delta.text:
+                yield {"text": delta.text}
+            elif delta.finished:
+                clock.end = time.perf_counter()
+                text = delta.text if stream else total.text
+                yield self._final(job_id, text, total, prepared, clock)
+
+    def _final(
+        self, job_id: str, text: str, total: Delta, prepared: Prepared, clock: Clock
+    ) -> dict[str, Any]:
+        prompt_tokens = (
+            total.prompt_tokens if total.prompt_tokens is not None else prepared.prompt_tokens
+        )
+        chunk: dict[str, Any] = {
+            "text": text,
+            "finish_reason": total.finish_reason,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": total.tokens,
+                "total_tokens": prompt_tokens + total.tokens,
+            },
+            "timings": clock.timings(total.tokens),
+            "images": [img.describe() for img in prepared.images],
+            "model": self.engine.info.name,
+        }
+        if total.stop_reason is not None:
+            chunk["stop_reason"] = total.stop_reason
+        if prepared.warnings:
+            chunk["warnings"] = prepared.warnings
+        log.info("job done", extra={"job_id": job_id, **chunk["usage"], **chunk["timings"]})
+        return chunk
+
+
+def _summary(prepared: Prepared, clock: Clock) -> dict[str, Any]:
+    return {
+        "images": [repr(img) for img in prepared.images],
+        "prompt_tokens": prepared.prompt_tokens,
+        "max_tokens": prepared.sampling.get("max_tokens"),
+        "preprocess_ms": round(((clock.ready or clock.start) - clock.start) * 1000, 2),
+    }

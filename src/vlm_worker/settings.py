@@ -1,0 +1,208 @@
+"""The worker's own settings: one frozen object, built once at start from the environment.
+
+The dataclass fields below ARE the settings table: each field's metadata names its
+environment variable, category and help text. Docs, the console template and validation
+all read from here, so a variable cannot be documented without being read, or read
+without being documented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .convert import convert
+from .errors import ConfigError
+
+#: Where `make` builds the tiny random-weight model that runs when MODEL_NAME is unset.
+TINY_MODEL_DIR = Path(__file__).resolve().parents[2] / ".models" / "tiny-qwen2.5-vl"
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    category: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    secret: bool = False,
+    env: str | None = None,
+) -> Any:
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "category": category,
+            "minimum": minimum,
+            "maximum": maximum,
+            "secret": secret,
+            "env": env,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the worker itself reads; vLLM's engine arguments live in ``engine_args``."""
+
+    model_name: str | None = _setting(
+        None,
+        "Hugging Face repo id or local path of the model to serve. Unset: the built-in tiny "
+        "random-weight Qwen2.5-VL model (gibberish output, for tests and demos only).",
+        category="Model",
+    )
+    model_revision: str | None = _setting(
+        None, "Branch, tag or commit of MODEL_NAME to load.", category="Model"
+    )
+    tokenizer_name: str | None = _setting(
+        None, "Tokenizer repo id or path, if not MODEL_NAME's own.", category="Model"
+    )
+    custom_chat_template: str | None = _setting(
+        None,
+        "Jinja chat template (the text itself, or a path to a file) replacing the model's.",
+        category="Model",
+    )
+    max_concurrency: int = _setting(
+        16,
+        "Jobs this worker runs at once; they share the engine through continuous batching.",
+        category="Worker",
+        minimum=1,
+        maximum=1024,
+    )
+    warmup: bool = _setting(
+        True,
+        "Run one short image generation before taking the first job.",
+        category="Worker",
+    )
+    default_max_tokens: int = _setting(
+        512, "max_tokens when a job does not set it.", category="Generation", minimum=1
+    )
+    max_images_per_job: int = _setting(
+        1, "Images one job may carry.", category="Images", minimum=0, maximum=64
+    )
+    image_min_pixels: int | None = _setting(
+        None,
+        "Lower bound on an image's resized area (pixels). Unset: the model processor's.",
+        category="Images",
+        minimum=1,
+    )
+    image_max_pixels: int | None = _setting(
+        None,
+        "Upper bound on an image's resized area (pixels). Unset: the model processor's.",
+        category="Images",
+        minimum=1,
+    )
+    max_image_bytes: int = _setting(
+        20 * 1024 * 1024,
+        "Largest encoded image accepted, in bytes (inline or fetched).",
+        category="Images",
+        minimum=1,
+    )
+    max_image_source_pixels: int = _setting(
+        64_000_000,
+        "Largest decoded image accepted (width x height) before resizing; guards against "
+        "decompression bombs.",
+        category="Images",
+        minimum=1,
+    )
+    image_fetch_timeout: float = _setting(
+        15.0, "Seconds allowed to fetch one image URL.", category="Images", minimum=0.1
+    )
+    default_min_batch_size: int = _setting(
+        1,
+        "Tokens in the first streamed chunk; later chunks grow towards DEFAULT_BATCH_SIZE.",
+        category="Streaming",
+        minimum=1,
+    )
+    default_batch_size: int = _setting(
+        50, "Largest number of tokens per streamed chunk.", category="Streaming", minimum=1
+    )
+    default_batch_size_growth_factor: float = _setting(
+        3.0,
+        "Each streamed chunk may hold this many times more tokens than the last.",
+        category="Streaming",
+        minimum=1.0,
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
+        "INFO", "Worker log level.", category="Worker"
+    )
+    log_format: Literal["text", "json"] = _setting(
+        "text", "text for people, json for one JSON object per line.", category="Worker"
+    )
+
+    @property
+    def resolved_model(self) -> str:
+        return self.model_name or str(TINY_MODEL_DIR)
+
+    @property
+    def uses_tiny_model(self) -> bool:
+        return self.model_name is None
+
+    def chat_template_text(self) -> str | None:
+        """The custom template's text; a value naming an existing file is read from it."""
+        value = self.custom_chat_template
+        if value is None:
+            return None
+        if "{" not in value and len(value) < 4096 and Path(value).is_file():
+            return Path(value).read_text(encoding="utf-8")
+        return value
+
+
+def env_name(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("env") or f.name.upper()
+
+
+def setting_fields() -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(WorkerSettings)
+
+
+def setting_names() -> list[str]:
+    return [env_name(f) for f in setting_fields()]
+
+
+def load_worker_settings(env: Mapping[str, str]) -> WorkerSettings:
+    """Read every setting from ``env``; report all bad values at once, not one per restart."""
+    hints = typing.get_type_hints(WorkerSettings)
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in setting_fields():
+        name = env_name(f)
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            value = convert(name, raw, hints[f.name])
+            _check_range(name, raw, value, f)
+        except ConfigError as exc:
+            problems.append(exc.message)
+            continue
+        values[f.name] = value
+    settings = None
+    if not problems:
+        settings = WorkerSettings(**values)
+        lo, hi = settings.image_min_pixels, settings.image_max_pixels
+        if lo is not None and hi is not None and lo > hi:
+            problems.append(f"IMAGE_MIN_PIXELS={lo} is larger than IMAGE_MAX_PIXELS={hi}")
+        if settings.default_min_batch_size > settings.default_batch_size:
+            problems.append(
+                f"DEFAULT_MIN_BATCH_SIZE={settings.default_min_batch_size} is larger than "
+                f"DEFAULT_BATCH_SIZE={settings.default_batch_size}"
+            )
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(problems))
+    assert settings is not None
+    return settings
+
+
+def _check_range(name: str, raw: str, value: Any, f: dataclasses.Field[Any]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{name}={raw!r} is below the minimum {lo:g}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name}={raw!r} is above the maximum {hi:g}")

@@ -1,0 +1,266 @@
+"""Start-up and the process's life: settings → engine → warm-up → serve → exit.
+
+Start-up is gated (as worker-vllm's ``main.py`` does): the RunPod loop starts only once
+the engine is loaded and warm, and a failed start exits non-zero with the cause, so the
+platform never routes jobs to a worker that cannot serve them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import logs
+from .engine import VllmEngine
+from .engine_args import EngineSpec, build_engine_kwargs, default_max_model_len
+from .errors import ConfigError, WorkerError
+from .job import JobRunner
+from .model_info import build_model_info, model_max_len
+from .settings import TINY_MODEL_DIR, WorkerSettings, load_worker_settings
+
+log = logging.getLogger("vlm_worker.worker")
+
+#: Exit codes: 2 for a configuration error (fix the env), 1 for anything else.
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+FATAL_GRACE_S = 3.0
+
+
+@dataclass
+class Worker:
+    settings: WorkerSettings
+    engine: VllmEngine
+    runner: JobRunner
+
+    # The runpod SDK checks ``inspect.isasyncgenfunction``: this must stay an async generator.
+    async def handler(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in self.runner.run(job):
+            yield chunk
+
+    def concurrency_modifier(self, current: int) -> int:
+        return self.settings.max_concurrency
+
+    def runpod_config(self) -> dict[str, Any]:
+        return {
+            "handler": self.handler,
+            "concurrency_modifier": self.concurrency_modifier,
+            "return_aggregate_stream": True,
+        }
+
+    def warmup(self) -> float:
+        """One short image generation through the whole job path; returns seconds."""
+        start = time.perf_counter()
+        job = {"id": "warmup", "input": warmup_input()}
+
+        async def run() -> list[dict[str, Any]]:
+            return [chunk async for chunk in self.runner.run(job)]
+
+        chunks = asyncio.run(run())
+        if "error" in chunks[-1]:
+            raise RuntimeError(f"warm-up job failed: {chunks[-1]['error']}")
+        return time.perf_counter() - start
+
+    def on_fatal(self, err: WorkerError) -> None:
+        """Let in-flight jobs report their errors, then exit so the platform replaces us."""
+        if getattr(self, "_exiting", False):
+            return
+        self._exiting = True
+        log.critical(
+            "engine is dead; exiting after in-flight jobs report",
+            extra={"in_flight": self.runner.in_flight, "error": err.message},
+        )
+
+        def exit_later() -> None:
+            deadline = time.monotonic() + 30
+            while self.runner.in_flight > 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(FATAL_GRACE_S)  # the SDK posts results after the handler returns
+            self.engine.shutdown()
+            os._exit(EXIT_FAILURE)
+
+        threading.Thread(target=exit_later, name="fatal-exit", daemon=True).start()
+
+    def start_watchdog(self, interval: float = 2.0) -> None:
+        """Notice an engine that dies between jobs, not only during one."""
+
+        def watch() -> None:
+            while not getattr(self, "_exiting", False):
+                if self.engine.dead:
+                    from .errors import EngineDead
+
+                    self.on_fatal(EngineDead("the engine process died while idle"))
+                    return
+                time.sleep(interval)
+
+        threading.Thread(target=watch, name="engine-watchdog", daemon=True).start()
+
+
+def warmup_input() -> dict[str, Any]:
+    from PIL import Image
+
+    img = Image.new("RGB", (320, 240), (200, 220, 255))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": uri}},
+                    {"type": "text", "text": "Describe the image."},
+                ],
+            }
+        ],
+        "max_tokens": 2,
+        "stream": False,
+    }
+
+
+def engine_spec(env: Mapping[str, str], settings: WorkerSettings) -> EngineSpec:
+    spec = build_engine_kwargs(env, settings)
+    if "max_model_len" not in spec.explicit:
+        model_max = model_max_len(
+            spec.kwargs["model"],
+            spec.kwargs.get("revision"),
+            bool(spec.kwargs.get("trust_remote_code", False)),
+        )
+        spec.kwargs["max_model_len"] = default_max_model_len(model_max)
+    return spec
+
+
+def ensure_tiny_model(settings: WorkerSettings) -> None:
+    if settings.uses_tiny_model and not (TINY_MODEL_DIR / "config.json").exists():
+        from .tiny_model import build_tiny_model
+
+        log.info("building the tiny test model", extra={"path": str(TINY_MODEL_DIR)})
+        build_tiny_model(TINY_MODEL_DIR)
+
+
+def start_worker(env: Mapping[str, str] | None = None, *, warmup: bool | None = None) -> Worker:
+    """Everything before serving; raises ``ConfigError`` or the engine's own error."""
+    env = os.environ if env is None else env
+    settings = load_worker_settings(env)
+    logs.setup(settings.log_level, settings.log_format, env)
+    if settings.uses_tiny_model:
+        log.warning(
+            "MODEL_NAME is not set: serving the built-in tiny random-weight model; "
+            "its output is gibberish by design"
+        )
+    ensure_tiny_model(settings)
+    spec = engine_spec(env, settings)
+    shown = {
+        k: v
+        for k, v in spec.kwargs.items()
+        if k in spec.explicit or k in ("model", "max_model_len", "limit_mm_per_prompt")
+    }
+    log.info("starting engine", extra={"engine_args": json.dumps(shown, default=str)})
+    t0 = time.perf_counter()
+    engine = VllmEngine.start(spec.kwargs, lambda llm: build_model_info(llm, settings, spec.kwargs))
+    log.info(
+        "engine ready",
+        extra={
+            "seconds": round(time.perf_counter() - t0, 1),
+            "max_model_len": engine.info.max_model_len,
+        },
+    )
+    executor = ThreadPoolExecutor(
+        max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vlm-pre"
+    )
+    worker = Worker(settings, engine, None)  # type: ignore[arg-type]
+    worker.runner = JobRunner(engine, settings, executor=executor, on_fatal=worker.on_fatal)
+    if settings.warmup if warmup is None else warmup:
+        seconds = worker.warmup()
+        log.info("warm-up done", extra={"seconds": round(seconds, 2)})
+    return worker
+
+
+# ------------------------------------------------------------------ local runs
+def local_job(args: argparse.Namespace, cwd: Path) -> dict[str, Any] | None:
+    """The job a local run should execute, as the runpod SDK would pick it, or None."""
+    if args.rp_serve_api:
+        return None
+    if args.test_input:
+        return json.loads(args.test_input)
+    if os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):
+        return None
+    path = cwd / "test_input.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+async def run_local(worker: Worker, job: dict[str, Any]) -> int:
+    """Run one job through the real handler and print each chunk, then the result.
+
+    The SDK's own local mode does not iterate generator handlers (it reports success
+    without running anything), so local runs are executed here instead.
+    """
+    job = {"id": job.get("id", "local_test"), "input": job.get("input")}
+    chunks = []
+    async for chunk in worker.handler(job):
+        chunks.append(chunk)
+        print("chunk:", json.dumps(chunk, ensure_ascii=False), flush=True)
+    failed = bool(chunks) and "error" in chunks[-1]
+    text = "".join(c.get("text", "") for c in chunks)
+    result = {
+        "id": job["id"],
+        "status": "FAILED" if failed else "COMPLETED",
+        "text": text,
+        "output": chunks,
+    }
+    print("result:", json.dumps(result, ensure_ascii=False), flush=True)
+    return EXIT_FAILURE if failed else 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--rp_serve_api", action="store_true")
+    parser.add_argument("--test_input", default=None)
+    args, _ = parser.parse_known_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The entry point ``handler.py`` runs."""
+    import runpod
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        job = local_job(args, Path.cwd())
+    except json.JSONDecodeError as exc:
+        print(f"error: the test input is not valid JSON: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    try:
+        worker = start_worker()
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except Exception as exc:
+        logging.getLogger("vlm_worker").critical(
+            "worker failed to start", exc_info=True, extra={"cause": f"{type(exc).__name__}: {exc}"}
+        )
+        print(f"error: the worker failed to start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        os._exit(EXIT_FAILURE)  # the engine core child may keep a normal exit waiting
+    if job is not None:
+        code = asyncio.run(run_local(worker, job))
+        worker.engine.shutdown()
+        sys.exit(code)
+    worker.start_watchdog()
+    try:
+        runpod.serverless.start(worker.runpod_config())
+    finally:
+        worker.engine.shutdown()
