@@ -76,7 +76,7 @@ def build_model_info(
     placeholder = get_model_cls(model_config).get_placeholder_str("image", 0)
     image_token = getattr(processor, "image_token", None) or placeholder
     served = engine_kwargs.get("served_model_name")
-    name = (served[0] if isinstance(served, list) else served) or settings.model_name or "tiny"
+    name = (served[0] if isinstance(served, list) else served) or settings.model_label
     return ModelInfo(
         name=name,
         max_model_len=int(model_config.max_model_len),

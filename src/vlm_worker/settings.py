@@ -139,6 +139,11 @@ class WorkerSettings:
         return self.model_name or str(TINY_MODEL_DIR)
 
     @property
+    def model_label(self) -> str:
+        """The name jobs report: MODEL_NAME as given, or the tiny model's folder name."""
+        return self.model_name or TINY_MODEL_DIR.name
+
+    @property
     def uses_tiny_model(self) -> bool:
         return self.model_name is None
 

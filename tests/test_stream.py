@@ -1,0 +1,35 @@
+"""Stream batching: exact batch sizes from a scripted delta source."""
+
+from __future__ import annotations
+
+from vlm_worker.engine import Delta
+from vlm_worker.stream import BatchPolicy, batched
+
+
+async def deltas(n: int, per: int = 1):
+    for i in range(n):
+        yield Delta(text="x" * per, tokens=per, finished=i == n - 1,
+                    finish_reason="length" if i == n - 1 else None)
+
+
+async def sizes(source, policy):
+    return [d.tokens async for d in batched(source, policy)]
+
+
+async def test_batches_grow_geometrically_then_cap():
+    assert await sizes(deltas(120), BatchPolicy(1, 50, 3.0)) == [1, 3, 9, 27, 50, 30]
+
+
+async def test_growth_one_keeps_the_size():
+    assert await sizes(deltas(10), BatchPolicy(4, 50, 1.0)) == [4, 4, 2]
+
+
+async def test_multi_token_deltas_and_final_flush():
+    out = [d async for d in batched(deltas(5, per=4), BatchPolicy(1, 50, 3.0))]
+    assert [d.tokens for d in out] == [4, 4, 12]
+    assert out[-1].finished and out[-1].finish_reason == "length"
+    assert "".join(d.text for d in out) == "x" * 20
+
+
+async def test_growth_is_at_least_one_token():
+    assert await sizes(deltas(10), BatchPolicy(1, 3, 1.2)) == [1, 2, 3, 3, 1]
