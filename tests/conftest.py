@@ -36,8 +36,11 @@ def screenshot(width: int = 320, height: int = 200, seed: int = 0) -> Image.Imag
     draw.rectangle([0, 0, width, max(4, height // 12)], fill=(40, 90, 160))
     for i in range(4):
         x0 = (i * width) // 4 + 4
-        draw.rectangle([x0, height // 3, x0 + width // 6, height // 3 + height // 8],
-                       fill=(60 + 40 * i, 160, 80), outline=(0, 0, 0))
+        draw.rectangle(
+            [x0, height // 3, x0 + width // 6, height // 3 + height // 8],
+            fill=(60 + 40 * i, 160, 80),
+            outline=(0, 0, 0),
+        )
     return img
 
 
@@ -54,10 +57,15 @@ def data_uri(img: Image.Image | None = None, fmt: str = "PNG") -> str:
 
 def image_job(uri: str | None = None, text: str = "Describe the screen.", **extra: Any) -> dict:
     return {
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": uri or data_uri()}},
-            {"type": "text", "text": text},
-        ]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": uri or data_uri()}},
+                    {"type": "text", "text": text},
+                ],
+            }
+        ],
         **extra,
     }
 

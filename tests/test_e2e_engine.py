@@ -12,7 +12,9 @@ pytestmark = pytest.mark.engine
 
 
 async def test_streamed_job(worker):
-    chunks = await collect(worker, image_job(max_tokens=40, temperature=0.8, seed=1, ignore_eos=True))
+    chunks = await collect(
+        worker, image_job(max_tokens=40, temperature=0.8, seed=1, ignore_eos=True)
+    )
     *body, final = chunks
     assert len(body) >= 2, "tokens should arrive in several chunks"
     assert all(set(c) == {"text"} and c["text"] for c in body)
@@ -25,8 +27,14 @@ async def test_streamed_job(worker):
     t = final["timings"]
     assert 0 < t["preprocess_ms"] < t["time_to_first_token_ms"] <= t["total_ms"]
     assert t["tokens_per_second"] > 0
-    assert final["images"] == [{"original_size": [320, 200], "resized_size": [308, 196],
-                                "format": "PNG", "bytes": final["images"][0]["bytes"]}]
+    assert final["images"] == [
+        {
+            "original_size": [320, 200],
+            "resized_size": [308, 196],
+            "format": "PNG",
+            "bytes": final["images"][0]["bytes"],
+        }
+    ]
     assert final["model"] == "tiny-qwen2.5-vl"
 
 
@@ -54,7 +62,7 @@ async def test_same_seed_same_text(worker):
 async def test_prompt_tokens_are_text_plus_image_tokens(worker):
     """The worker's resize decides the image tokens vLLM creates: (H/28)*(W/28) per image."""
     info = worker.engine.info
-    for (w, h) in [(320, 200), (1280, 720), (57, 913), (3000, 40)]:
+    for w, h in [(320, 200), (1280, 720), (57, 913), (3000, 40)]:
         job = image_job(data_uri(screenshot(w, h)), max_tokens=1, stream=False)
         (final,) = await collect(worker, job)
         rw, rh = final["images"][0]["resized_size"]
@@ -66,14 +74,25 @@ async def test_prompt_tokens_are_text_plus_image_tokens(worker):
 
 
 async def test_text_only_job(worker):
-    (final,) = await collect(worker, {"messages": [{"role": "user", "content": "Hello"}],
-                                      "max_tokens": 5, "stream": False, "ignore_eos": True})
+    (final,) = await collect(
+        worker,
+        {
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 5,
+            "stream": False,
+            "ignore_eos": True,
+        },
+    )
     assert final["usage"]["completion_tokens"] == 5 and final["images"] == []
 
 
 async def test_eight_concurrent_jobs(worker):
-    jobs = [image_job(data_uri(screenshot(200 + 40 * i, 150, seed=i)), max_tokens=24,
-                      ignore_eos=True, seed=i) for i in range(8)]
+    jobs = [
+        image_job(
+            data_uri(screenshot(200 + 40 * i, 150, seed=i)), max_tokens=24, ignore_eos=True, seed=i
+        )
+        for i in range(8)
+    ]
     results = await asyncio.gather(*(collect(worker, j, f"c{i}") for i, j in enumerate(jobs)))
     for chunks in results:
         assert "error" not in chunks[-1]
@@ -85,8 +104,9 @@ async def test_cancelled_job_aborts_its_request(worker):
     started = asyncio.Event()
 
     async def consume():
-        async for _chunk in worker.handler({"id": "cancel-me", "input": image_job(
-                max_tokens=3000, ignore_eos=True)}):
+        async for _chunk in worker.handler(
+            {"id": "cancel-me", "input": image_job(max_tokens=3000, ignore_eos=True)}
+        ):
             started.set()
 
     task = asyncio.create_task(consume())
@@ -118,22 +138,53 @@ async def test_closing_the_stream_aborts_its_request(worker):
     ("job_input", "err_type", "field"),
     [
         ({"messages": []}, "invalid_input", "messages"),
-        ({"messages": [{"role": "user", "content": "x"}], "top_p": 9}, "invalid_input",
-         "sampling_params.top_p"),
-        (image_job("data:image/png;base64,not-base64!!"), "invalid_input",
-         "messages[0].content[0].image_url.url"),
-        (image_job("data:image/png;base64,aGVsbG8gd29ybGQ="), "image_decode",
-         "messages[0].content[0].image_url.url"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "top_p": 9},
+            "invalid_input",
+            "sampling_params.top_p",
+        ),
+        (
+            image_job("data:image/png;base64,not-base64!!"),
+            "invalid_input",
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            image_job("data:image/png;base64,aGVsbG8gd29ybGQ="),
+            "image_decode",
+            "messages[0].content[0].image_url.url",
+        ),
         (image_job("file:///etc/passwd"), "invalid_input", "messages[0].content[0].image_url.url"),
-        (image_job(data_uri(screenshot(4000, 10))), "image_decode",
-         "messages[0].content[0].image_url.url"),
-        ({"messages": [{"role": "user", "content": [
-            {"type": "image", "image": data_uri()}, {"type": "image", "image": data_uri()}]}]},
-         "invalid_input", "messages[0].content[1].image"),
+        (
+            image_job(data_uri(screenshot(4000, 10))),
+            "image_decode",
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": data_uri()},
+                            {"type": "image", "image": data_uri()},
+                        ],
+                    }
+                ]
+            },
+            "invalid_input",
+            "messages[0].content[1].image",
+        ),
         ({"messages": [{"role": "user", "content": "<|image_pad|> sneaky"}]}, "prompt", "messages"),
-        ({"messages": [{"role": "user", "content": "word " * 5000}]}, "prompt_too_long", "messages"),
-        ({"messages": [{"role": "user", "content": "x"}], "min_tokens": 50, "max_tokens": 5},
-         "invalid_input", "sampling_params.min_tokens"),
+        (
+            {"messages": [{"role": "user", "content": "word " * 5000}]},
+            "prompt_too_long",
+            "messages",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "min_tokens": 50, "max_tokens": 5},
+            "invalid_input",
+            "sampling_params.min_tokens",
+        ),
     ],
 )
 async def test_bad_inputs_get_one_error_chunk(worker, job_input, err_type, field):

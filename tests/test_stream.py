@@ -8,8 +8,12 @@ from vlm_worker.stream import BatchPolicy, batched
 
 async def deltas(n: int, per: int = 1):
     for i in range(n):
-        yield Delta(text="x" * per, tokens=per, finished=i == n - 1,
-                    finish_reason="length" if i == n - 1 else None)
+        yield Delta(
+            text="x" * per,
+            tokens=per,
+            finished=i == n - 1,
+            finish_reason="length" if i == n - 1 else None,
+        )
 
 
 async def sizes(source, policy):

@@ -1,0 +1,28 @@
+"""The README's settings table is generated from the settings dataclass and kept in sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlm_worker.docs import main, settings_table
+from vlm_worker.settings import setting_names
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_settings_table_is_current():
+    assert main(["--check", str(README)]) == 0
+
+
+def test_every_setting_is_documented():
+    table = settings_table()
+    for name in setting_names():
+        assert f"`{name}`" in table
+
+
+def test_readme_commands_exist():
+    text = README.read_text()
+    assert "make demo" in text and "make test" in text
+    makefile = (README.parent / "Makefile").read_text()
+    assert "\ndemo:" in makefile and "\ntest:" in makefile
+    assert "make test" in (README.parent / ".ci" / "run").read_text()

@@ -1,0 +1,164 @@
+"""Failure paths the real engine cannot produce on demand, with a scripted engine.
+
+The job path, schema, images and templates are all real (the tiny model's processor);
+only the engine is replaced, behind the same narrow ``Engine`` interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from conftest import image_job
+from vlm_worker.engine import Delta, EngineRequest, ModelInfo
+from vlm_worker.errors import EngineDead, EngineError, WorkerError
+from vlm_worker.job import JobRunner
+from vlm_worker.model_info import geometry_from
+from vlm_worker.settings import load_worker_settings
+
+
+class ScriptedEngine:
+    def __init__(self, info: ModelInfo, script):
+        self.info = info
+        self.script = script
+        self.requests: list[EngineRequest] = []
+        self.dead = False
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
+        self.requests.append(request)
+        for step in self.script:
+            if isinstance(step, BaseException):
+                raise step
+            await asyncio.sleep(0)
+            yield step
+
+    async def num_unfinished(self) -> int:
+        return 0
+
+
+@pytest.fixture
+def info(processor) -> ModelInfo:
+    return ModelInfo(
+        name="scripted",
+        max_model_len=4096,
+        geometry=geometry_from(processor.image_processor, load_worker_settings({})),
+        image_processor=processor.image_processor,
+        templater=processor,
+        tokenizer=processor.tokenizer,
+        placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+        image_token="<|image_pad|>",
+    )
+
+
+def runner_for(info, script, fatal=None, **env):
+    settings = load_worker_settings(env)
+    return JobRunner(ScriptedEngine(info, script), settings, on_fatal=fatal)
+
+
+async def run(runner, job_input):
+    return [c async for c in runner.run({"id": "j1", "input": job_input})]
+
+
+def tok(text, finished=False, reason=None, prompt=None):
+    return Delta(text=text, tokens=1, finished=finished, finish_reason=reason, prompt_tokens=prompt)
+
+
+async def test_engine_death_after_first_chunk_ends_with_an_error_and_is_fatal(info):
+    fatal: list[WorkerError] = []
+    runner = runner_for(
+        info,
+        [
+            tok("a", prompt=10),
+            tok("b"),
+            tok("c"),
+            tok("d"),
+            EngineDead("the engine died while generating"),
+        ],
+        fatal.append,
+    )
+    chunks = await run(runner, image_job())
+    assert chunks[0] == {"text": "a"}
+    assert chunks[-1]["error"]["type"] == "engine_error"
+    assert "died" in chunks[-1]["error"]["message"]
+    assert len(fatal) == 1 and fatal[0].fatal
+    assert runner.in_flight == 0
+
+
+async def test_recoverable_engine_error_is_not_fatal(info):
+    fatal: list[WorkerError] = []
+    runner = runner_for(info, [EngineError("the engine failed this request: boom")], fatal.append)
+    (chunk,) = await run(runner, image_job())
+    assert chunk["error"] == {
+        "type": "engine_error",
+        "message": "the engine failed this request: boom",
+    }
+    assert fatal == []
+
+
+async def test_unexpected_exception_is_an_internal_error_without_details(info):
+    runner = runner_for(info, [tok("a", prompt=3), RuntimeError("secret /path/inside")])
+    chunks = await run(runner, image_job())
+    err = chunks[-1]["error"]
+    assert err["type"] == "internal" and "secret" not in err["message"]
+    assert "RuntimeError" in err["message"]
+    json.loads(str(chunks[-1]["error"]))
+
+
+async def test_bad_input_never_reaches_the_engine(info):
+    runner = runner_for(info, [tok("x", True, "stop")])
+    chunks = await run(runner, {"messages": [{"role": "user", "content": "x"}], "top_k": -5})
+    assert chunks[0]["error"]["field"] == "sampling_params.top_k"
+    assert runner.engine.requests == []
+
+
+async def test_request_carries_resized_image_prompt_and_sampling(info):
+    runner = runner_for(info, [tok("hi", True, "stop", prompt=50)], DEFAULT_MAX_TOKENS="77")
+    (final,) = await run(runner, image_job(temperature=0.5, stream=False))
+    (req,) = runner.engine.requests
+    assert req.request_id == "j1"
+    assert req.images[0].size == (308, 196)
+    assert req.prompt.count("<|image_pad|>") == 1 and "Describe the screen." in req.prompt
+    assert req.sampling == {"temperature": 0.5, "max_tokens": 77}
+    assert final["text"] == "hi" and final["finish_reason"] == "stop"
+    assert final["usage"] == {"prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51}
+
+
+async def test_model_generation_defaults_apply_unless_the_job_overrides(info):
+    from dataclasses import replace
+
+    info = replace(info, default_sampling={"temperature": 0.1, "top_p": 0.8})
+    runner = runner_for(info, [tok("x", True, "stop")])
+    await run(runner, image_job(top_p=0.5, stream=False))
+    assert runner.engine.requests[0].sampling == {
+        "temperature": 0.1,
+        "top_p": 0.5,
+        "max_tokens": 512,
+    }
+
+
+async def test_image_work_runs_off_the_event_loop(info):
+    """A ticker on the loop keeps ticking while a big image is decoded and resized."""
+    from conftest import data_uri, screenshot
+
+    runner = runner_for(info, [tok("x", True, "stop")], IMAGE_MAX_PIXELS="4000000")
+    big = data_uri(screenshot(3840, 2160))
+    gaps: list[float] = []
+
+    async def ticker(stop: asyncio.Event):
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    stop = asyncio.Event()
+    t = asyncio.create_task(ticker(stop))
+    await run(runner, image_job(big, stream=False))
+    stop.set()
+    await t
+    assert max(gaps) < 0.1, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
