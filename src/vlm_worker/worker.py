@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,10 @@ class Worker:
     settings: WorkerSettings
     engine: VllmEngine
     runner: JobRunner
+    exiting: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.runner.on_fatal = self.on_fatal
 
     # The runpod SDK checks ``inspect.isasyncgenfunction``: this must stay an async generator.
     async def handler(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -75,9 +79,9 @@ class Worker:
 
     def on_fatal(self, err: WorkerError) -> None:
         """Let in-flight jobs report their errors, then exit so the platform replaces us."""
-        if getattr(self, "_exiting", False):
+        if self.exiting:
             return
-        self._exiting = True
+        self.exiting = True
         log.critical(
             "engine is dead; exiting after in-flight jobs report",
             extra={"in_flight": self.runner.in_flight, "error": err.message},
@@ -97,7 +101,7 @@ class Worker:
         """Notice an engine that dies between jobs, not only during one."""
 
         def watch() -> None:
-            while not getattr(self, "_exiting", False):
+            while not self.exiting:
                 if self.engine.dead:
                     from .errors import EngineDead
 
@@ -180,8 +184,7 @@ def start_worker(env: Mapping[str, str] | None = None, *, warmup: bool | None = 
     executor = ThreadPoolExecutor(
         max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vlm-pre"
     )
-    worker = Worker(settings, engine, None)  # type: ignore[arg-type]
-    worker.runner = JobRunner(engine, settings, executor=executor, on_fatal=worker.on_fatal)
+    worker = Worker(settings, engine, JobRunner(engine, settings, executor=executor))
     if settings.warmup if warmup is None else warmup:
         seconds = worker.warmup()
         log.info("warm-up done", extra={"seconds": round(seconds, 2)})
