@@ -93,6 +93,7 @@ class SamplingOptions(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -114,11 +115,21 @@ _SAMPLING_KEYS = set(SamplingOptions.model_fields) | {"max_new_tokens"}
 
 
 class Job(BaseModel):
-    """A native job's ``input``."""
+    """A native job's ``input``.
+
+    ``task`` "chat" (the default) takes ``messages``. ``task`` "grounding" takes either the
+    shortcut ``instruction`` + ``image`` or ``messages`` holding exactly one image; the
+    worker adds the system prompt (``system_prompt`` overrides its text). The rules that
+    span fields are in ``check_task``, which names the field at fault.
+    """
 
     model_config = _STRICT
 
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    task: Literal["chat", "grounding"] = "chat"
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    instruction: str | None = None
+    image: str | None = Field(None, min_length=1)
+    system_prompt: str | None = Field(None, min_length=1)
     sampling_params: SamplingOptions = Field(default_factory=SamplingOptions)
     stream: bool = True
 
@@ -142,8 +153,10 @@ class Job(BaseModel):
 
     def image_sources(self) -> list[tuple[str, str]]:
         """Each image's source with its field path, in prompt order."""
+        if self.image is not None:
+            return [("image", self.image)]
         found = []
-        for i, message in enumerate(self.messages):
+        for i, message in enumerate(self.messages or ()):
             if isinstance(message.content, str):
                 continue
             for j, part in enumerate(message.content):
@@ -195,6 +208,81 @@ def parse_job(data: Any) -> Job:
     if not isinstance(data, dict):
         raise InvalidInput(f"input must be a JSON object, got {type(data).__name__}", field="input")
     try:
-        return Job.model_validate(data)
+        job = Job.model_validate(data)
     except ValidationError as exc:
         raise validation_error_to_invalid_input(exc) from None
+    check_task(job)
+    return job
+
+
+_GROUNDING_ONLY = ("instruction", "image", "system_prompt")
+
+
+def check_task(job: Job) -> None:
+    """The rules between fields, per ``task``, as ``InvalidInput`` naming the field at fault.
+
+    A grounding job has exactly one image and an element description: the shortcut
+    (``instruction`` + ``image``) or ``messages``, never both, and no system message of
+    its own, since the worker's states the resized size (``system_prompt`` changes the text).
+    """
+    if job.task == "chat":
+        for name in _GROUNDING_ONLY:
+            if getattr(job, name) is not None:
+                raise InvalidInput(f"{name}: only used with task 'grounding'", field=name)
+        if job.messages is None:
+            raise InvalidInput("messages: Field required", field="messages")
+        return
+    if job.messages is None:
+        if job.instruction is None:
+            raise InvalidInput(
+                "instruction: required for task 'grounding' (the element to locate), "
+                "with image; or give messages instead",
+                field="instruction",
+            )
+        if not job.instruction.strip():
+            raise InvalidInput("instruction: must not be empty", field="instruction")
+        if job.image is None:
+            raise InvalidInput(
+                "image: required for task 'grounding' (the screenshot: a data: URI, base64 "
+                "or an http(s) URL)",
+                field="image",
+            )
+        return
+    for name in ("instruction", "image"):
+        if getattr(job, name) is not None:
+            raise InvalidInput(
+                f"{name}: give either messages, or instruction and image, not both",
+                field=name,
+            )
+    for i, message in enumerate(job.messages):
+        if message.role == "system":
+            raise InvalidInput(
+                f"messages[{i}].role: a grounding job's system message is the worker's (it "
+                "states the resized image size); set system_prompt to change its text",
+                field=f"messages[{i}].role",
+            )
+    sources = job.image_sources()
+    if not sources:
+        raise InvalidInput(
+            "messages: a grounding job needs exactly one image (the screenshot); found none",
+            field="messages",
+        )
+    if len(sources) > 1:
+        raise InvalidInput(
+            f"{sources[1][0]}: a grounding job takes exactly one image; this is image 2",
+            field=sources[1][0],
+        )
+    has_text = any(
+        (
+            m.content.strip()
+            if isinstance(m.content, str)
+            else any(isinstance(p, TextPart) and p.text.strip() for p in m.content)
+        )
+        for m in job.messages
+        if m.role == "user"
+    )
+    if not has_text:
+        raise InvalidInput(
+            "messages: a grounding job needs the element description as text beside the image",
+            field="messages",
+        )

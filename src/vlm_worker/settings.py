@@ -96,6 +96,19 @@ class WorkerSettings:
         category="Images",
         minimum=1,
     )
+    grounding_min_pixels: int = _setting(
+        3136,
+        "Lower bound on a grounding job's resized image area (pixels); GTA1's recipe.",
+        category="Grounding",
+        minimum=1,
+    )
+    grounding_max_pixels: int = _setting(
+        12_845_056,
+        "Upper bound on a grounding job's resized image area (pixels); GTA1's recipe. "
+        "Capped, with a start-up warning, at what the engine's encoder cache takes.",
+        category="Grounding",
+        minimum=1,
+    )
     max_image_bytes: int = _setting(
         20 * 1024 * 1024,
         "Largest encoded image accepted, in bytes (inline or fetched).",
@@ -105,9 +118,10 @@ class WorkerSettings:
     max_image_source_pixels: int = _setting(
         64_000_000,
         "Largest decoded image accepted (width x height) before resizing; guards against "
-        "decompression bombs.",
+        "decompression bombs. Checked from the header, before any pixel is decoded.",
         category="Images",
         minimum=1,
+        maximum=178_956_970,  # Pillow refuses anything larger outright
     )
     image_fetch_timeout: float = _setting(
         15.0, "Seconds allowed to fetch one image URL.", category="Images", minimum=0.1
@@ -127,6 +141,17 @@ class WorkerSettings:
         category="Streaming",
         minimum=1.0,
     )
+    openai_served_model_name_override: str | None = _setting(
+        None,
+        "Model id the OpenAI-compatible route reports and accepts. Unset: MODEL_NAME.",
+        category="OpenAI",
+    )
+    openai_accept_any_model: bool = _setting(
+        False,
+        "Accept any `model` in OpenAI-compatible requests instead of answering 404 for "
+        "names other than the served one.",
+        category="OpenAI",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
         "INFO", "Worker log level.", category="Worker"
     )
@@ -142,6 +167,10 @@ class WorkerSettings:
     def model_label(self) -> str:
         """The name jobs report: MODEL_NAME as given, or the tiny model's folder name."""
         return self.model_name or TINY_MODEL_DIR.name
+
+    @property
+    def openai_model_id(self) -> str:
+        return self.openai_served_model_name_override or self.model_label
 
     @property
     def uses_tiny_model(self) -> bool:
@@ -192,6 +221,9 @@ def load_worker_settings(env: Mapping[str, str]) -> WorkerSettings:
         lo, hi = settings.image_min_pixels, settings.image_max_pixels
         if lo is not None and hi is not None and lo > hi:
             problems.append(f"IMAGE_MIN_PIXELS={lo} is larger than IMAGE_MAX_PIXELS={hi}")
+        glo, ghi = settings.grounding_min_pixels, settings.grounding_max_pixels
+        if glo > ghi:
+            problems.append(f"GROUNDING_MIN_PIXELS={glo} is larger than GROUNDING_MAX_PIXELS={ghi}")
         if settings.default_min_batch_size > settings.default_batch_size:
             problems.append(
                 f"DEFAULT_MIN_BATCH_SIZE={settings.default_min_batch_size} is larger than "

@@ -29,6 +29,7 @@ from .engine_args import EngineSpec, build_engine_kwargs, default_max_model_len
 from .errors import ConfigError, WorkerError
 from .job import JobRunner
 from .model_info import build_model_info, model_max_len
+from .openai_route import OpenAIRoute, is_openai_job
 from .settings import TINY_MODEL_DIR, WorkerSettings, load_worker_settings
 
 log = logging.getLogger("vlm_worker.worker")
@@ -45,13 +46,22 @@ class Worker:
     engine: VllmEngine
     runner: JobRunner
     exiting: bool = field(default=False, init=False)
+    openai: OpenAIRoute = field(init=False)
 
     def __post_init__(self) -> None:
         self.runner.on_fatal = self.on_fatal
+        self.openai = OpenAIRoute(self.runner)
 
     # The runpod SDK checks ``inspect.isasyncgenfunction``: this must stay an async generator.
-    async def handler(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for chunk in self.runner.run(job):
+    async def handler(self, job: dict[str, Any]) -> AsyncIterator[Any]:
+        job_input = job.get("input")
+        if is_openai_job(job_input):
+            chunks = self.openai.handle(
+                str(job.get("id")), job_input.get("openai_route"), job_input.get("openai_input")
+            )
+        else:
+            chunks = self.runner.run(job)
+        async for chunk in chunks:
             yield chunk
 
     def concurrency_modifier(self, current: int) -> int:
