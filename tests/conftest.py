@@ -70,6 +70,15 @@ def image_job(uri: str | None = None, text: str = "Describe the screen.", **extr
     }
 
 
+def mm_kwargs(env: dict[str, str]) -> dict[str, Any] | None:
+    """The ``mm_processor_kwargs`` the worker hands vLLM for these settings."""
+    from vlm_worker.engine_args import build_engine_kwargs
+    from vlm_worker.settings import load_worker_settings
+
+    spec = build_engine_kwargs(env, load_worker_settings(env))
+    return spec.kwargs.get("mm_processor_kwargs")
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     from vlm_worker.tiny_model import build_tiny_model

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile, ImageOps
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from conftest import encode, screenshot
+from conftest import encode, mm_kwargs, screenshot
 from vlm_worker.errors import ImageDecodeError, InvalidInput
 from vlm_worker.images import (
     ALLOWED_FORMATS,
@@ -34,7 +34,6 @@ from vlm_worker.images import (
     prepare_image,
 )
 from vlm_worker.model_info import geometry_from
-from vlm_worker.settings import load_worker_settings
 
 FIELD = "messages[0].content[1].image_url.url"
 MAX_SOURCE = 64_000_000
@@ -87,7 +86,7 @@ def sizes(draw, max_side: int = 8000, ratio: int = 200):
 # ---------------------------------------------------------------- geometry (smart_resize)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(hw=sizes(), bounds=st.sampled_from(BOUNDS), patch=st.sampled_from([14, 16]))
 def test_target_size_is_smart_resize(hw, bounds, patch):
     height, width = hw
@@ -102,7 +101,7 @@ def test_target_size_is_smart_resize(hw, bounds, patch):
     assert new_h >= factor and new_w >= factor
     if bounds_guaranteed(lo, hi, factor):
         assert lo <= new_h * new_w <= hi, (height, width, got)
-        if max(got) / min(got) <= 200:  # see test_resized_aspect_ratio_stays_within_200
+        if max(got) / min(got) <= 200:  # see test_nearly_200_to_1_image_survives_the_pre_resize
             # A fixed point: the processor will not resize the pre-resized image again.
             assert geo.target_size(new_h, new_w) == got
     # Token count the prompt-length check uses: one token per merged patch.
@@ -135,40 +134,10 @@ def test_aspect_ratio_of_exactly_200_is_accepted(height, width):
     assert ImageGeometry().target_size(height, width) == smart_resize(height, width)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: ImageGeometry.target_size formats the ratio with :.0f, so 401x2 "
-    "(200.5:1) reads 'aspect ratio 200:1 exceeds the 200:1'",
-)
 def test_aspect_ratio_message_does_not_contradict_itself():
     with pytest.raises(ImageDecodeError) as info:
         ImageGeometry().target_size(2, 401, FIELD)
     assert "ratio 200:1 exceeds" not in info.value.message
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: smart_resize can turn an accepted aspect ratio (5615x29, 193.6:1) into "
-    "one it refuses (5628x28, 201:1); prepare_image sends that to vLLM, whose processor "
-    "then raises 'absolute aspect ratio must be smaller than 200'",
-)
-def test_resized_aspect_ratio_stays_within_200():
-    new_h, new_w = ImageGeometry().target_size(29, 5615, FIELD)
-    assert (new_h, new_w) == (28, 5628)
-    assert ImageGeometry().target_size(new_h, new_w) == (new_h, new_w)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: with IMAGE_MAX_PIXELS below 28*28*200 = 156800, smart_resize is not "
-    "idempotent for very wide images (3576x22 -> 4004x28 -> 3780x28), so vLLM's processor "
-    "resizes the pre-resized image again and resized_size / image_tokens are wrong",
-)
-def test_pre_resize_is_a_fixed_point_for_low_max_pixels():
-    geo = ImageGeometry(min_pixels=QWEN_MIN, max_pixels=100_000)
-    once = geo.target_size(22, 3576)
-    assert once == (28, 4004)
-    assert geo.target_size(*once) == once
 
 
 # ---------------------------------------------------------------- same pixels as the processor
@@ -182,7 +151,7 @@ def image_processor(processor):
 @pytest.fixture(scope="module")
 def geometry(image_processor):
     """The geometry the worker derives from this processor (no IMAGE_*_PIXELS overrides)."""
-    geo = geometry_from(image_processor, load_worker_settings({}))
+    geo = geometry_from(image_processor, mm_kwargs({}))
     assert geo == ImageGeometry(14, 2, QWEN_MIN, QWEN_MAX)
     return geo
 
@@ -205,15 +174,18 @@ def prepare(data: bytes, image_processor, geometry, **kw) -> PreparedImage:
     )
 
 
-def processed(image_processor, img: Image.Image):
-    out = image_processor(images=[img], return_tensors="pt")
+def processed(image_processor, img: Image.Image, **kw):
+    out = image_processor(images=[img], return_tensors="pt", **kw)
     return out["pixel_values"], out["image_grid_thw"]
 
 
-def assert_same_model_input(image_processor, reference: Image.Image, prepared: PreparedImage):
-    """What the model gets from ``reference`` is exactly what it gets from our resized image."""
-    want_pv, want_grid = processed(image_processor, reference)
-    got_pv, got_grid = processed(image_processor, prepared.image)
+def assert_same_model_input(image_processor, reference: Image.Image, prepared: PreparedImage, **kw):
+    """What the model gets from ``reference`` is exactly what it gets from our resized image.
+
+    ``kw`` are per-call processor overrides (min_pixels/max_pixels, as vLLM passes them).
+    """
+    want_pv, want_grid = processed(image_processor, reference, **kw)
+    got_pv, got_grid = processed(image_processor, prepared.image, **kw)
     assert got_grid.tolist() == want_grid.tolist()
     _, grid_h, grid_w = want_grid[0].tolist()
     patch = image_processor.patch_size
@@ -270,7 +242,7 @@ def test_screenshot_pixels_match_too(image_processor, geometry):
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(hw=sizes(max_side=1500), seed=st.integers(0, 2**16))
+@given(hw=sizes(max_side=1200), seed=st.integers(0, 2**16))
 def test_pre_resize_pixels_property(image_processor, geometry, hw, seed):
     height, width = hw
     original = textured(width, height, seed=seed, block=1 + seed % 5)
@@ -278,6 +250,35 @@ def test_pre_resize_pixels_property(image_processor, geometry, hw, seed):
     assert_same_model_input(
         image_processor, Image.open(io.BytesIO(data)), prepare(data, image_processor, geometry)
     )
+
+
+def test_pixel_overrides_match_the_processor_called_with_them(image_processor):
+    """IMAGE_MIN/MAX_PIXELS reach vLLM's processor as min_pixels/max_pixels: same pixels."""
+    for lo, hi in [(QWEN_MIN, 28 * 28 * 256), (28 * 28 * 512, QWEN_MAX * 2)]:
+        geo = ImageGeometry(min_pixels=lo, max_pixels=hi)
+        for width, height in [(1920, 1080), (300, 170)]:
+            original = textured(width, height, seed=lo + width)
+            prepared = prepare(encode(original), image_processor, geo)
+            assert_same_model_input(
+                image_processor, original, prepared, min_pixels=lo, max_pixels=hi
+            )
+
+
+def test_nearly_200_to_1_image_survives_the_pre_resize(image_processor, geometry):
+    original = textured(5615, 29, seed=2)
+    prepared = prepare(encode(original), image_processor, geometry)
+    assert prepared.resized_size == (5628, 28)  # 201:1
+    processed(image_processor, original)  # the processor alone is fine with the original
+    assert_same_model_input(image_processor, original, prepared)
+
+
+def test_pre_resize_with_low_max_pixels_gives_the_processors_pixels(image_processor):
+    lo, hi = QWEN_MIN, 100_000
+    geo = ImageGeometry(min_pixels=lo, max_pixels=hi)
+    original = textured(3576, 22, seed=4)
+    prepared = prepare(encode(original), image_processor, geo)
+    assert prepared.resized_size == (4004, 28)
+    assert_same_model_input(image_processor, original, prepared, min_pixels=lo, max_pixels=hi)
 
 
 def test_comparison_is_sensitive_to_the_resampler(image_processor, geometry):
@@ -378,12 +379,6 @@ def test_16bit_grayscale_is_scaled_not_clipped(image_processor, geometry, fmt):
     assert_same_model_input(image_processor, reference, prepared)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="src bug: images._to_rgb calls Image.point on I;16B (big-endian 16-bit TIFF), "
-    "which Pillow refuses; the ValueError escapes open_image as an internal error",
-)
 def test_16bit_big_endian_grayscale_tiff():
     values = gray16()
     img = Image.frombytes("I;16B", (300, 170), values.astype(">u2").tobytes())
@@ -513,11 +508,6 @@ def test_decode_inline_size_limit(size):
     assert decode_inline(base64.b64encode(b"x" * 10).decode(), FIELD, 10) == b"x" * 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: decode_inline's pre-decode size check counts whitespace, so an image of "
-    "exactly MAX_IMAGE_BYTES in line-wrapped (MIME) base64 is refused as too large",
-)
 def test_decode_inline_limit_ignores_line_breaks():
     data = bytes(range(256)) * 12  # 3072 bytes
     wrapped = base64.encodebytes(data).decode()
@@ -596,12 +586,6 @@ def test_pixel_limit_is_exact(image_processor, geometry):
     assert "100x50 = 5000 pixels" in err.message and "MAX_IMAGE_SOURCE_PIXELS=4999" in err.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: open_image turns Pillow's DecompressionBombWarning (> Image.MAX_IMAGE_PIXELS "
-    "= 89,478,485) into a refusal, so MAX_IMAGE_SOURCE_PIXELS above ~89.5M is not honoured and "
-    "the message claims the image exceeds the (higher) setting",
-)
 def test_source_pixel_setting_above_pillows_threshold_is_honoured():
     data = png_header(10_000, 9_500)  # 95M pixels
     try:

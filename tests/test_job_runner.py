@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from conftest import image_job
+from conftest import image_job, mm_kwargs
 from vlm_worker.engine import Delta, EngineRequest, ModelInfo
 from vlm_worker.errors import EngineDead, EngineError, WorkerError
 from vlm_worker.job import JobRunner
@@ -44,7 +44,7 @@ def info(processor) -> ModelInfo:
     return ModelInfo(
         name="scripted",
         max_model_len=4096,
-        geometry=geometry_from(processor.image_processor, load_worker_settings({})),
+        geometry=geometry_from(processor.image_processor, mm_kwargs({})),
         image_processor=processor.image_processor,
         templater=processor,
         tokenizer=processor.tokenizer,

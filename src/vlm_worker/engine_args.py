@@ -114,11 +114,13 @@ def build_engine_kwargs(
         explicit.add(f.name)
     if problems:
         raise ConfigError("invalid engine arguments: " + "; ".join(problems))
+    # The worker's resize bounds are the processor's: IMAGE_* win over MM_PROCESSOR_KWARGS,
+    # and model_info reads the final values back from here, so both sides always agree.
     mm_kwargs = dict(kwargs.get("mm_processor_kwargs") or {})
     if settings.image_min_pixels is not None:
-        mm_kwargs.setdefault("min_pixels", settings.image_min_pixels)
+        mm_kwargs["min_pixels"] = settings.image_min_pixels
     if settings.image_max_pixels is not None:
-        mm_kwargs.setdefault("max_pixels", settings.image_max_pixels)
+        mm_kwargs["max_pixels"] = settings.image_max_pixels
     if mm_kwargs:
         kwargs["mm_processor_kwargs"] = mm_kwargs
     if settings.tokenizer_name and "tokenizer" not in explicit:

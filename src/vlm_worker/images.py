@@ -61,10 +61,19 @@ class ImageGeometry:
         except ValueError as exc:
             raise ImageDecodeError(
                 f"image is {width}x{height}; its aspect ratio "
-                f"{max(height, width) / min(height, width):.0f}:1 exceeds the 200:1 the "
+                f"{max(height, width) / min(height, width):.1f}:1 exceeds the 200:1 the "
                 f"model's processor accepts",
                 field=field,
             ) from exc
+
+    def is_fixed_point(self, height: int, width: int) -> bool:
+        """Whether the processor, given an image of this size, keeps the size."""
+        if max(height, width) / min(height, width) > 200:
+            return False
+        try:
+            return self.target_size(height, width) == (height, width)
+        except ImageDecodeError:
+            return False
 
     def image_tokens(self, height: int, width: int) -> int:
         """Placeholder tokens vLLM expands one image of this (resized) size into."""
@@ -124,8 +133,11 @@ def decode_inline(source: str, field: str, max_bytes: int) -> bytes:
         )
     else:
         payload = text
-    # base64 inflates by 4/3: refuse oversized payloads before decoding them.
-    if len(payload) > (max_bytes * 4) // 3 + 4:
+    # base64 inflates by 4/3: refuse oversized payloads before decoding them (line breaks
+    # in wrapped base64 do not count).
+    if len(payload) > (max_bytes * 4) // 3 + 4 and (
+        len(re.sub(r"\s+", "", payload)) > (max_bytes * 4) // 3 + 4
+    ):
         raise InvalidInput(f"image is larger than MAX_IMAGE_BYTES={max_bytes} bytes", field=field)
     raw = payload.encode("ascii", errors="replace")
     if not _BASE64_CHARS.match(raw):
@@ -155,15 +167,18 @@ def open_image(data: bytes, field: str, max_source_pixels: int) -> tuple[Image.I
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit (below) decides; Pillow's warning threshold is not ours.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise ImageDecodeError(
             f"not a supported image; accepted formats: {', '.join(ALLOWED_FORMATS)}", field=field
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageDecodeError(
-            f"image exceeds MAX_IMAGE_SOURCE_PIXELS={max_source_pixels}", field=field
+            f"image is larger than Pillow's hard limit of {2 * Image.MAX_IMAGE_PIXELS} pixels "
+            f"(MAX_IMAGE_SOURCE_PIXELS={max_source_pixels})",
+            field=field,
         ) from None
     except Exception as exc:  # Pillow raises many types for broken headers
         raise ImageDecodeError(f"cannot read image header: {exc}", field=field) from None
@@ -181,18 +196,24 @@ def open_image(data: bytes, field: str, max_source_pixels: int) -> tuple[Image.I
         img.seek(0)  # animated GIF/WebP: the first frame
         img.load()
         img = ImageOps.exif_transpose(img)
+        return _to_rgb(img), fmt
     except Exception as exc:
         raise ImageDecodeError(f"image data is truncated or corrupt: {exc}", field=field) from None
-    return _to_rgb(img), fmt
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB exactly as the processor's ``convert_to_rgb`` would; 16-bit first scaled to 8."""
+    """RGB as the processor's ``convert_to_rgb`` would, except 16-bit grey, which is scaled.
+
+    Pillow's own 16-bit → 8-bit conversion clips (most of the image turns white); scaling
+    keeps the picture. 32-bit ``I`` images go through Pillow as the processor would.
+    """
     from transformers.image_transforms import convert_to_rgb
 
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # Pillow's own I->L conversion clips instead of scaling; scale 16-bit to 8-bit.
-        img = img.point(lambda v: v / 256).convert("L") if img.mode != "I" else img.convert("L")
+    if img.mode.startswith("I;16"):
+        import numpy as np
+
+        grey = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+        img = Image.fromarray(grey, mode="L")
     return convert_to_rgb(img)
 
 
@@ -239,9 +260,13 @@ def prepare_image(
     img, fmt = open_image(data, field, max_source_pixels)
     width, height = img.size
     new_h, new_w = geometry.target_size(height, width, field)
-    resized = resize_like_processor(img, (new_h, new_w), processor)
+    # Pre-resize only when the processor will leave our output alone: smart_resize of the
+    # target must be the target (not so for near-200:1 images or tiny max_pixels). Else
+    # the processor gets the original and resizes it once, to the same target size.
+    if geometry.is_fixed_point(new_h, new_w):
+        img = resize_like_processor(img, (new_h, new_w), processor)
     return PreparedImage(
-        image=resized,
+        image=img,
         original_size=(width, height),
         resized_size=(new_w, new_h),
         format=fmt,

@@ -22,19 +22,20 @@ def load_processor(model: str, revision: str | None, trust_remote_code: bool) ->
     )
 
 
-def geometry_from(image_processor: Any, settings: WorkerSettings) -> ImageGeometry:
-    """The processor's resize rule, with IMAGE_MIN/MAX_PIXELS applied on top."""
+def geometry_from(image_processor: Any, mm_processor_kwargs: dict[str, Any] | None = None
+                  ) -> ImageGeometry:
+    """The processor's resize rule as vLLM will apply it: its own size, then the
+    ``min_pixels``/``max_pixels`` vLLM passes it (from MM_PROCESSOR_KWARGS / IMAGE_*)."""
     size = getattr(image_processor, "size", None) or {}
     get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
     min_pixels = get("shortest_edge") or getattr(image_processor, "min_pixels", None) or 56 * 56
-    max_pixels = (
-        get("longest_edge") or getattr(image_processor, "max_pixels", None) or 28 * 28 * 1280
-    )
+    max_pixels = get("longest_edge") or getattr(image_processor, "max_pixels", None) or 28 * 28 * 1280
+    overrides = mm_processor_kwargs or {}
     return ImageGeometry(
         patch_size=int(getattr(image_processor, "patch_size", 14)),
         merge_size=int(getattr(image_processor, "merge_size", 2)),
-        min_pixels=int(settings.image_min_pixels or min_pixels),
-        max_pixels=int(settings.image_max_pixels or max_pixels),
+        min_pixels=int(overrides.get("min_pixels") or min_pixels),
+        max_pixels=int(overrides.get("max_pixels") or max_pixels),
     )
 
 
@@ -80,7 +81,7 @@ def build_model_info(
     return ModelInfo(
         name=name,
         max_model_len=int(model_config.max_model_len),
-        geometry=geometry_from(image_processor, settings),
+        geometry=geometry_from(image_processor, engine_kwargs.get("mm_processor_kwargs")),
         image_processor=image_processor,
         templater=templater,
         tokenizer=tokenizer,
