@@ -17,10 +17,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import grounding
 from .engine import Delta, Engine, EngineRequest
-from .errors import InvalidInput, WorkerError, internal_error
+from .errors import InvalidInput, JobTimeout, WorkerError, internal_error
 from .fetch import ImageFetcher
-from .images import PreparedImage, decode_inline, is_url, prepare_image
+from .images import ImageGeometry, PreparedImage, decode_inline, is_url, prepare_image
 from .inputs import Job, parse_job
 from .prompt import check_length, normalize_placeholders, render, template_messages
 from .settings import WorkerSettings
@@ -41,6 +42,48 @@ def error_chunk(err: WorkerError) -> dict[str, Any]:
     return {"error": ErrorBody(err.to_dict()["error"])}
 
 
+class Deadline:
+    """JOB_TIMEOUT for a whole job: preparation and every wait for the next chunk.
+
+    Cancelling the pending step (what ``wait_for`` does on expiry) closes the engine
+    iterator, which aborts the request in vLLM; the client gets a ``timeout`` error.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def _left(self) -> float | None:
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def _expired(self) -> JobTimeout:
+        return JobTimeout(f"the job ran longer than JOB_TIMEOUT={self.seconds:g}s and was aborted")
+
+    async def run(self, awaitable: Any) -> Any:
+        try:
+            return await asyncio.wait_for(awaitable, self._left())
+        except asyncio.TimeoutError:
+            raise self._expired() from None
+
+    async def iterate(self, source: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        if self.end is None:
+            async for item in source:
+                yield item
+            return
+        iterator = source.__aiter__()
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(iterator.__anext__(), self._left())
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise self._expired() from None
+                yield item
+        finally:
+            await iterator.aclose()  # type: ignore[attr-defined]
+
+
 @dataclass
 class Prepared:
     """A validated job, ready for the engine."""
@@ -51,6 +94,7 @@ class Prepared:
     prompt_tokens: int
     sampling: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -105,17 +149,26 @@ class JobRunner:
         )
         self.in_flight = 0
         self._chat_template = settings.chat_template_text()
+        self.grounding_bounds = grounding.grounding_bounds(
+            engine.info.geometry,
+            settings.grounding_min_pixels,
+            settings.grounding_max_pixels,
+            engine.info.max_image_tokens,
+        )
+        if self.grounding_bounds.note:
+            log.warning(self.grounding_bounds.note)
 
     async def run(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The runpod handler body: an async generator of chunks for one job."""
         job_id = str(job.get("id") or f"job-{uuid.uuid4().hex[:12]}")
         clock = Clock()
         self.in_flight += 1
+        deadline = Deadline(self.settings.job_timeout)
         try:
-            prepared = await self.prepare(job.get("input"), job_id)
+            prepared = await deadline.run(self.prepare(job.get("input"), job_id))
             clock.ready = time.perf_counter()
             log.info("job accepted", extra={"job_id": job_id, **_summary(prepared, clock)})
-            async for chunk in self.generate(job_id, prepared, clock):
+            async for chunk in deadline.iterate(self.generate(job_id, prepared, clock)):
                 yield chunk
         except WorkerError as err:
             log.warning(
@@ -149,13 +202,20 @@ class JobRunner:
                 f"the job has {len(sources)} images; MAX_IMAGES_PER_JOB is {limit}",
                 field=sources[limit][0],
             )
-        images = list(await asyncio.gather(*(self._image(f, s) for f, s in sources)))
+        # A grounding job's image is resized with GTA1's bounds, and vLLM's processor is
+        # told the same ones, so the size its prompt states is the size the model sees.
+        bounds = self.grounding_bounds if job.task == "grounding" else None
+        geometry = bounds.geometry if bounds else None
+        images = list(await asyncio.gather(*(self._image(f, s, geometry) for f, s in sources)))
         loop = asyncio.get_running_loop()
         prompt, tokens = await loop.run_in_executor(self.executor, self._prompt, job, images)
         sampling, warnings = self._sampling(job, tokens)
-        return Prepared(job, prompt, images, tokens, sampling, warnings)
+        mm_kwargs = bounds.processor_kwargs() if bounds else None
+        return Prepared(job, prompt, images, tokens, sampling, warnings, mm_kwargs)
 
-    async def _image(self, field: str, source: str) -> PreparedImage:
+    async def _image(
+        self, field: str, source: str, geometry: ImageGeometry | None = None
+    ) -> PreparedImage:
         settings = self.settings
         loop = asyncio.get_running_loop()
         if is_url(source):
@@ -170,7 +230,7 @@ class JobRunner:
             lambda: prepare_image(
                 data,
                 field=field,
-                geometry=info.geometry,
+                geometry=geometry or info.geometry,
                 processor=info.image_processor,
                 max_source_pixels=settings.max_image_source_pixels,
             ),
@@ -178,7 +238,7 @@ class JobRunner:
 
     def _prompt(self, job: Job, images: list[PreparedImage]) -> tuple[str, int]:
         info = self.engine.info
-        text = render(info.templater, template_messages(job.messages), self._chat_template)
+        text = render(info.templater, self._messages(job, images), self._chat_template)
         text = normalize_placeholders(text, len(images), info.placeholder, info.image_token)
         image_tokens = sum(
             info.geometry.image_tokens(h, w) for (w, h) in (img.resized_size for img in images)
@@ -186,6 +246,16 @@ class JobRunner:
         tokens = info.count_text_tokens(text) - len(images) + image_tokens
         check_length(tokens, info.max_model_len)
         return text, tokens
+
+    @staticmethod
+    def _messages(job: Job, images: list[PreparedImage]) -> list[dict[str, Any]]:
+        """Template messages; a grounding job's system prompt states its image's resized size."""
+        if job.task != "grounding":
+            return template_messages(job.messages or [])
+        system = grounding.system_prompt(images[0].resized_size, job.system_prompt)
+        if job.messages is None:
+            return grounding.grounding_messages(system, job.instruction or "")
+        return [{"role": "system", "content": system}, *template_messages(job.messages)]
 
     def _sampling(self, job: Job, prompt_tokens: int) -> tuple[dict[str, Any], list[str]]:
         info = self.engine.info
@@ -214,6 +284,7 @@ class JobRunner:
             prompt=prepared.prompt,
             images=[img.image for img in prepared.images],
             sampling=prepared.sampling,
+            mm_processor_kwargs=prepared.mm_processor_kwargs,
         )
         deltas = self.engine.generate(request)
         total = Delta()
@@ -248,6 +319,11 @@ class JobRunner:
             "images": [img.describe() for img in prepared.images],
             "model": self.engine.info.name,
         }
+        if prepared.job.task == "grounding":
+            image = prepared.images[0]
+            chunk["grounding"] = grounding.grounding_result(
+                total.text, image.original_size, image.resized_size, total.finish_reason
+            )
         if total.stop_reason is not None:
             chunk["stop_reason"] = total.stop_reason
         if prepared.warnings:

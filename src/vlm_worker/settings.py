@@ -66,6 +66,13 @@ class WorkerSettings:
         "Jinja chat template (the text itself, or a path to a file) replacing the model's.",
         category="Model",
     )
+    baked_model_manifest: str = _setting(
+        "/models/manifest.json",
+        "Manifest that builder/bake_model.py writes when a model is baked into the image. "
+        "If the file exists, the worker serves that local snapshot offline (HF_HUB_OFFLINE=1), "
+        "unless MODEL_NAME names a different model.",
+        category="Model",
+    )
     max_concurrency: int = _setting(
         16,
         "Jobs this worker runs at once; they share the engine through continuous batching.",
@@ -77,6 +84,13 @@ class WorkerSettings:
         True,
         "Run one short image generation before taking the first job.",
         category="Worker",
+    )
+    job_timeout: float | None = _setting(
+        None,
+        "Seconds one job may take from start to last token; past it the engine request is "
+        "aborted and the job fails with a `timeout` error. Unset: no limit.",
+        category="Worker",
+        minimum=0.1,
     )
     default_max_tokens: int = _setting(
         512, "max_tokens when a job does not set it.", category="Generation", minimum=1
