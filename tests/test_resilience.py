@@ -58,6 +58,7 @@ def test_json_logs_hold_facts_not_images_or_secrets(worker, capsys):
             return [c async for c in worker.handler({"id": "log-me", "input": job})]
 
         (final,) = asyncio.run(run())
+        assert final["usage"]["completion_tokens"] == 3
         log.warning("token %s leaked?", secret)
     finally:
         logs.setup("INFO", "text", {})

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-from vlm_worker.engine import Delta
-from vlm_worker.stream import BatchPolicy, batched
+from vlm_worker.stream import FINAL_ONLY, Batcher, BatchPolicy, Delta
+
+
+async def batched(source, policy):
+    """What the engine's loop does with each delta it receives."""
+    batcher = Batcher(policy)
+    async for delta in source:
+        batch = batcher.add(delta)
+        if batch is not None:
+            yield batch
+    rest = batcher.flush()
+    if rest is not None:
+        yield rest
 
 
 async def deltas(n: int, per: int = 1):
@@ -37,3 +48,12 @@ async def test_multi_token_deltas_and_final_flush():
 
 async def test_growth_is_at_least_one_token():
     assert await sizes(deltas(10), BatchPolicy(1, 3, 1.2)) == [1, 2, 3, 3, 1]
+
+
+async def test_final_only_sends_one_batch():
+    out = [d async for d in batched(deltas(40), FINAL_ONLY)]
+    assert [d.tokens for d in out] == [40] and out[0].finished
+
+
+async def test_no_policy_passes_every_delta():
+    assert await sizes(deltas(5), None) == [1, 1, 1, 1, 1]

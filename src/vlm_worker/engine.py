@@ -24,30 +24,9 @@ from typing import Any, Protocol
 
 from .errors import EngineDead, EngineError, InvalidInput, PromptTooLong, WorkerError
 from .images import ImageGeometry
+from .stream import Batcher, BatchPolicy, Delta
 
 log = logging.getLogger("vlm_worker.engine")
-
-
-@dataclass
-class Delta:
-    """New output since the last delta; several merge into one when the reader lags."""
-
-    text: str = ""
-    tokens: int = 0
-    prompt_tokens: int | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    first_token_at: float | None = None  # perf_counter() when this delta's first token was seen
-
-    def merge(self, other: Delta) -> None:
-        self.text += other.text
-        self.tokens += other.tokens
-        self.prompt_tokens = self.prompt_tokens or other.prompt_tokens
-        self.finished = other.finished
-        self.finish_reason = other.finish_reason or self.finish_reason
-        self.stop_reason = other.stop_reason if other.stop_reason is not None else self.stop_reason
-        self.first_token_at = self.first_token_at or other.first_token_at
 
 
 @dataclass(frozen=True)
@@ -56,6 +35,10 @@ class EngineRequest:
     prompt: str
     images: list[Any]
     sampling: dict[str, Any]
+    #: How deltas are grouped before they leave the engine's loop (None: every delta).
+    batch: BatchPolicy | None = None
+    #: Per-request processor bounds (grounding jobs resize with their own; vLLM must agree).
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +54,9 @@ class ModelInfo:
     placeholder: str  # what the vLLM model class expects per image
     image_token: str  # the token inside it that the processor expands
     default_sampling: dict[str, Any] = field(default_factory=dict)
+    #: Most tokens one image may have: vLLM refuses larger ones (its encoder cache size).
+    #: None when unknown.
+    max_image_tokens: int | None = None
 
     def count_text_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -190,11 +176,16 @@ class VllmEngine:
             prompt["multi_modal_data"] = {
                 "image": request.images if len(request.images) > 1 else request.images[0]
             }
+        if request.mm_processor_kwargs:
+            prompt["mm_processor_kwargs"] = request.mm_processor_kwargs
 
         async def pump() -> None:
+            batcher = Batcher(request.batch)
             try:
                 async for out in self._llm.generate(prompt, params, request.request_id):
-                    caller.call_soon_threadsafe(put, _delta(out))
+                    batch = batcher.add(_delta(out))
+                    if batch is not None:
+                        caller.call_soon_threadsafe(put, batch)
             except BaseException as exc:  # delivered to the reader, which re-raises ours
                 caller.call_soon_threadsafe(put, exc)
                 if isinstance(exc, asyncio.CancelledError):

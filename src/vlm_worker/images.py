@@ -1,13 +1,14 @@
 """Image loading and resizing, exactly as the model's own processor would resize.
 
 Everything here is synchronous and CPU-bound on purpose: the job runner calls
-``prepare_image`` in a thread pool (Pillow and torch release the GIL), so decoding a 4K
-screenshot never stalls other jobs' streams on the event loop.
+``prepare_image`` in a thread pool (Pillow and torch release the GIL for their heavy
+loops), so decoding a 4K screenshot does not stall other jobs' streams on the event loop.
+What does hold the GIL (base64, whole-image copies) is kept short or avoided.
 
-Why pre-resize at all: vLLM would resize too, but only after the full-size pixels have
-been pickled to its engine process (~25 MB for 4K). Resizing here with the processor's
-own geometry (``smart_resize``) and its own resampling gives the same pixels, a tenth of
-the transfer, and the resized size the grounding mode must state in its prompt.
+Why pre-resize at all: vLLM would resize too, but inside its input processing, which
+runs on the engine's event loop one request at a time. Resizing here with the
+processor's own geometry (``smart_resize``) and its own resampling gives the same pixels,
+in parallel across jobs, and the resized size the grounding mode must state in its prompt.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from .errors import ImageDecodeError, InvalidInput
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
-_BASE64_CHARS = re.compile(rb"^[A-Za-z0-9+/_\-\s]*={0,2}\s*$")
 
 
 @dataclass(frozen=True)
@@ -112,20 +112,25 @@ def is_url(source: str) -> bool:
 
 
 def decode_inline(source: str, field: str, max_bytes: int) -> bytes:
-    """Bytes from a ``data:`` URI or raw base64; other schemes are refused by name."""
+    """Bytes from a ``data:`` URI or raw base64; other schemes are refused by name.
+
+    Only C-speed string operations touch the payload (it can be tens of MB): a Python
+    regex over it would hold the GIL for its whole length and stall every other job.
+    """
     text = source.strip()
-    match = _DATA_URI.match(text)
+    head = text[:256]
+    match = _DATA_URI.match(head)
     if match:
         mime = (match.group("mime") or "").lower()
         if mime and not mime.startswith("image/"):
             raise InvalidInput(f"data URI has media type {mime!r}; expected image/*", field=field)
         payload = text[match.end() :]
-    elif text[:5].lower() == "data:":
+    elif head[:5].lower() == "data:":
         raise InvalidInput(
             "data URI must be base64-encoded (data:image/...;base64,...)", field=field
         )
-    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
-        scheme = text.split("://", 1)[0].lower()
+    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", head):
+        scheme = head.split("://", 1)[0].lower()
         raise InvalidInput(
             f"image URL scheme {scheme!r} is not supported; use http(s)://, a data: URI "
             f"or raw base64",
@@ -135,28 +140,44 @@ def decode_inline(source: str, field: str, max_bytes: int) -> bytes:
         payload = text
     # base64 inflates by 4/3: refuse oversized payloads before decoding them (line breaks
     # in wrapped base64 do not count).
-    if len(payload) > (max_bytes * 4) // 3 + 4 and (
-        len(re.sub(r"\s+", "", payload)) > (max_bytes * 4) // 3 + 4
-    ):
+    limit = (max_bytes * 4) // 3 + 4
+    if len(payload) > limit and len("".join(payload.split())) > limit:
         raise InvalidInput(f"image is larger than MAX_IMAGE_BYTES={max_bytes} bytes", field=field)
-    raw = payload.encode("ascii", errors="replace")
-    if not _BASE64_CHARS.match(raw):
-        raise InvalidInput(
-            "image is neither an http(s) URL, a data: URI nor valid base64", field=field
-        )
-    compact = re.sub(rb"\s+", b"", raw)
     try:
-        if b"-" in compact or b"_" in compact:
-            data = base64.urlsafe_b64decode(compact + b"=" * (-len(compact) % 4))
-        else:
-            data = base64.b64decode(compact + b"=" * (-len(compact) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidInput(f"image base64 is invalid: {exc}", field=field) from None
+        data = _b64decode_strict(payload)  # what nearly every client sends
+    except (binascii.Error, ValueError):
+        data = _decode_lenient(payload, field)
     if not data:
         raise InvalidInput("image is empty", field=field)
     if len(data) > max_bytes:
         raise InvalidInput(f"image is larger than MAX_IMAGE_BYTES={max_bytes} bytes", field=field)
     return data
+
+
+def _b64decode_strict(payload: str, chunk: int = 1 << 20) -> bytes:
+    """Strict base64 in 1 MiB slices, so other threads get the GIL between slices."""
+    if len(payload) <= chunk:
+        return base64.b64decode(payload, validate=True)
+    return b"".join(
+        base64.b64decode(payload[i : i + chunk], validate=True)
+        for i in range(0, len(payload), chunk)
+    )
+
+
+def _decode_lenient(payload: str, field: str) -> bytes:
+    """Wrapped lines, missing padding and the URL-safe alphabet, still strictly validated."""
+    compact = "".join(payload.split())
+    if "-" in compact or "_" in compact:
+        compact = compact.replace("-", "+").replace("_", "/")
+    compact += "=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(
+            "image base64 is invalid (the image is neither an http(s) URL, a data: URI nor "
+            "valid base64)",
+            field=field,
+        ) from None
 
 
 def open_image(data: bytes, field: str, max_source_pixels: int) -> tuple[Image.Image, str]:
@@ -195,7 +216,9 @@ def open_image(data: bytes, field: str, max_source_pixels: int) -> tuple[Image.I
     try:
         img.seek(0)  # animated GIF/WebP: the first frame
         img.load()
-        img = ImageOps.exif_transpose(img)
+        # in place: without an orientation tag the copying form duplicates the whole
+        # image (25 MB for 4K) while holding the GIL.
+        ImageOps.exif_transpose(img, in_place=True)
         return _to_rgb(img), fmt
     except Exception as exc:
         raise ImageDecodeError(f"image data is truncated or corrupt: {exc}", field=field) from None

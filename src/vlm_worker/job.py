@@ -25,7 +25,7 @@ from .images import ImageGeometry, PreparedImage, decode_inline, is_url, prepare
 from .inputs import Job, parse_job
 from .prompt import check_length, normalize_placeholders, render, template_messages
 from .settings import WorkerSettings
-from .stream import BatchPolicy, batched
+from .stream import FINAL_ONLY, BatchPolicy
 
 log = logging.getLogger("vlm_worker.job")
 
@@ -138,9 +138,7 @@ class JobRunner:
         self.engine = engine
         self.settings = settings
         self.executor = executor
-        self.fetcher = fetcher or ImageFetcher(
-            FetchLimits(settings.max_image_bytes, settings.image_fetch_timeout)
-        )
+        self.fetcher = fetcher or ImageFetcher(FetchLimits.from_settings(settings))
         self.on_fatal = on_fatal
         self.policy = BatchPolicy(
             settings.default_min_batch_size,
@@ -285,12 +283,11 @@ class JobRunner:
             images=[img.image for img in prepared.images],
             sampling=prepared.sampling,
             mm_processor_kwargs=prepared.mm_processor_kwargs,
+            batch=self.policy if prepared.job.stream else FINAL_ONLY,
         )
-        deltas = self.engine.generate(request)
         total = Delta()
         stream = prepared.job.stream
-        source = batched(deltas, self.policy) if stream else deltas
-        async for delta in source:
+        async for delta in self.engine.generate(request):
             if clock.first_token is None and delta.first_token_at is not None:
                 clock.first_token = delta.first_token_at
             total.merge(delta)

@@ -22,14 +22,17 @@ def load_processor(model: str, revision: str | None, trust_remote_code: bool) ->
     )
 
 
-def geometry_from(image_processor: Any, mm_processor_kwargs: dict[str, Any] | None = None
-                  ) -> ImageGeometry:
+def geometry_from(
+    image_processor: Any, mm_processor_kwargs: dict[str, Any] | None = None
+) -> ImageGeometry:
     """The processor's resize rule as vLLM will apply it: its own size, then the
     ``min_pixels``/``max_pixels`` vLLM passes it (from MM_PROCESSOR_KWARGS / IMAGE_*)."""
     size = getattr(image_processor, "size", None) or {}
     get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
     min_pixels = get("shortest_edge") or getattr(image_processor, "min_pixels", None) or 56 * 56
-    max_pixels = get("longest_edge") or getattr(image_processor, "max_pixels", None) or 28 * 28 * 1280
+    max_pixels = (
+        get("longest_edge") or getattr(image_processor, "max_pixels", None) or 28 * 28 * 1280
+    )
     overrides = mm_processor_kwargs or {}
     return ImageGeometry(
         patch_size=int(getattr(image_processor, "patch_size", 14)),
@@ -88,7 +91,19 @@ def build_model_info(
         placeholder=placeholder,
         image_token=image_token,
         default_sampling=dict(model_config.get_diff_sampling_param() or {}),
+        max_image_tokens=encoder_cache_tokens(llm),
     )
+
+
+def encoder_cache_tokens(llm: Any) -> int | None:
+    """vLLM's encoder cache size in tokens: it refuses any image with more tokens.
+
+    vLLM sizes it at start from the largest image its *engine-level* processor bounds allow
+    (or MAX_NUM_BATCHED_TOKENS if larger); grounding jobs, which bring their own bounds,
+    are capped by it. None when this vLLM does not expose it (then nothing is capped).
+    """
+    size = getattr(getattr(llm, "input_processor", None), "mm_encoder_cache_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
 
 
 __all__ = ["DEFAULT_MAX_MODEL_LEN", "build_model_info", "geometry_from", "model_max_len"]

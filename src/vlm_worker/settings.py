@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from .convert import convert
 from .errors import ConfigError
+from .netguard import DomainAllowList
 
 #: Where `make` builds the tiny random-weight model that runs when MODEL_NAME is unset.
 TINY_MODEL_DIR = Path(__file__).resolve().parents[2] / ".models" / "tiny-qwen2.5-vl"
@@ -92,6 +93,13 @@ class WorkerSettings:
         category="Worker",
         minimum=0.1,
     )
+    preprocess_threads: int | None = _setting(
+        None,
+        "Threads decoding and resizing images off the event loop. Unset: one per CPU core.",
+        category="Worker",
+        minimum=1,
+        maximum=256,
+    )
     default_max_tokens: int = _setting(
         512, "max_tokens when a job does not set it.", category="Generation", minimum=1
     )
@@ -138,7 +146,24 @@ class WorkerSettings:
         maximum=178_956_970,  # Pillow refuses anything larger outright
     )
     image_fetch_timeout: float = _setting(
-        15.0, "Seconds allowed to fetch one image URL.", category="Images", minimum=0.1
+        15.0,
+        "Seconds allowed to fetch one image URL: DNS, connects, every redirect and the body.",
+        category="Images",
+        minimum=0.1,
+    )
+    allowed_image_domains: tuple[str, ...] | None = _setting(
+        None,
+        "Host names image URLs may use, comma-separated; each also allows its subdomains "
+        "(`example.com` allows `cdn.example.com`, not `evil-example.com`). Unset: any public "
+        "host.",
+        category="Images",
+    )
+    allow_private_image_urls: bool = _setting(
+        False,
+        "Let image URLs reach loopback, private (10/8, 172.16/12, 192.168/16, fc00::/7) and "
+        "carrier-grade NAT addresses. Off: only public addresses are fetched. Link-local, "
+        "cloud metadata, multicast and reserved addresses are refused either way.",
+        category="Images",
     )
     default_min_batch_size: int = _setting(
         1,
@@ -243,6 +268,10 @@ def load_worker_settings(env: Mapping[str, str]) -> WorkerSettings:
                 f"DEFAULT_MIN_BATCH_SIZE={settings.default_min_batch_size} is larger than "
                 f"DEFAULT_BATCH_SIZE={settings.default_batch_size}"
             )
+        try:  # here, not when the fetcher is built: that is after the engine has loaded
+            DomainAllowList.parse(settings.allowed_image_domains)
+        except ConfigError as exc:
+            problems.append(exc.message)
     if problems:
         raise ConfigError("invalid settings: " + "; ".join(problems))
     assert settings is not None

@@ -7,10 +7,29 @@ handful of queue posts instead of one per token.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from .engine import Delta
+
+@dataclass
+class Delta:
+    """New output since the last delta; several merge into one when the reader lags."""
+
+    text: str = ""
+    tokens: int = 0
+    prompt_tokens: int | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    first_token_at: float | None = None  # perf_counter() when this delta's first token was seen
+
+    def merge(self, other: Delta) -> None:
+        self.text += other.text
+        self.tokens += other.tokens
+        self.prompt_tokens = self.prompt_tokens or other.prompt_tokens
+        self.finished = other.finished
+        self.finish_reason = other.finish_reason or self.finish_reason
+        self.stop_reason = other.stop_reason if other.stop_reason is not None else self.stop_reason
+        self.first_token_at = self.first_token_at or other.first_token_at
 
 
 @dataclass(frozen=True)
@@ -35,18 +54,35 @@ class BatchSizes:
         self.current = min(self._policy.max_size, grown)
 
 
-async def batched(deltas: AsyncIterator[Delta], policy: BatchPolicy) -> AsyncIterator[Delta]:
-    """Merge deltas until the current batch size is reached; the last batch always flushes."""
-    sizes = policy.sizes()
-    pending: Delta | None = None
-    async for delta in deltas:
-        if pending is None:
-            pending = delta
+class Batcher:
+    """Accumulates deltas and says when a batch is due; pure, so it runs anywhere.
+
+    The vLLM engine runs one in its own loop, next to ``AsyncLLM.generate``: only whole
+    batches cross to the handler's loop, so the per-token work of the worker is a few
+    attribute updates, not a thread hop per token.
+    """
+
+    def __init__(self, policy: BatchPolicy | None) -> None:
+        self._sizes = policy.sizes() if policy is not None else None
+        self._pending: Delta | None = None
+
+    def add(self, delta: Delta) -> Delta | None:
+        if self._pending is None:
+            self._pending = delta
         else:
-            pending.merge(delta)
-        if pending.finished or pending.tokens >= sizes.current:
-            yield pending
-            pending = None
-            sizes.advance()
-    if pending is not None:
-        yield pending
+            self._pending.merge(delta)
+        pending = self._pending
+        if self._sizes is None or pending.finished or pending.tokens >= self._sizes.current:
+            self._pending = None
+            if self._sizes is not None:
+                self._sizes.advance()
+            return pending
+        return None
+
+    def flush(self) -> Delta | None:
+        pending, self._pending = self._pending, None
+        return pending
+
+
+#: Non-streamed jobs: nothing goes out before the end.
+FINAL_ONLY = BatchPolicy(min_size=2**62, max_size=2**62, growth=1.0)

@@ -185,14 +185,9 @@ def is_complete(model_dir: str | Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in REQUIRED_FILES)
 
 
-def _train_tokenizer(template: str) -> Any:
-    """Train a byte-level BPE on the built-in corpus and wrap it as Qwen's tokenizer class.
-
-    Qwen2Tokenizer (rather than a generic fast tokenizer) is used so tokenizer_config.json names
-    the class the real checkpoints name, and the pre-tokenizer matches Qwen's regex split.
-    """
+def train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train a byte-level BPE on the built-in corpus: (vocab, merges), no special tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     bpe = Tokenizer(models.BPE())
@@ -216,15 +211,20 @@ def _train_tokenizer(template: str) -> Any:
     state = json.loads(bpe.to_str())
     vocab: dict[str, int] = state["model"]["vocab"]
     merges = [tuple(m.split(" ", 1) if isinstance(m, str) else m) for m in state["model"]["merges"]]
+    return vocab, merges  # type: ignore[return-value]
 
-    specials = list(QWEN_SPECIAL_TOKENS)
-    if template == "opencua":
-        specials += OPENCUA_SPECIAL_TOKENS
-    # Giving the special tokens their ids here, rather than letting the wrapper append them,
-    # pins their order to Qwen's (<|endoftext|> first) instead of the wrapper's internal order.
-    for token in specials:
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(
+
+def wrap_tokenizer(
+    vocab: dict[str, int], merges: list[tuple[str, str]], specials: list[str]
+) -> Any:
+    """Qwen's tokenizer class over a vocabulary that already holds the special tokens.
+
+    Qwen2Tokenizer (rather than a generic fast tokenizer) is used so tokenizer_config.json names
+    the class the real checkpoints name, and the pre-tokenizer matches Qwen's regex split.
+    """
+    from transformers import Qwen2Tokenizer
+
+    return Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
         unk_token=None,
@@ -237,7 +237,19 @@ def _train_tokenizer(template: str) -> Any:
         clean_up_tokenization_spaces=False,
         split_special_tokens=False,
     )
-    return tokenizer
+
+
+def _train_tokenizer(template: str) -> Any:
+    """The tiny model's tokenizer: the trained BPE with Qwen's special tokens appended."""
+    vocab, merges = train_bpe()
+    specials = list(QWEN_SPECIAL_TOKENS)
+    if template == "opencua":
+        specials += OPENCUA_SPECIAL_TOKENS
+    # Giving the special tokens their ids here, rather than letting the wrapper append them,
+    # pins their order to Qwen's (<|endoftext|> first) instead of the wrapper's internal order.
+    for token in specials:
+        vocab[token] = len(vocab)
+    return wrap_tokenizer(vocab, merges, specials)
 
 
 def _build_into(out: Path, template: str, seed: int) -> None:

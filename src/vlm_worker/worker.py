@@ -29,6 +29,7 @@ from .engine_args import EngineSpec, build_engine_kwargs, default_max_model_len
 from .errors import ConfigError, WorkerError
 from .job import JobRunner
 from .model_info import build_model_info, model_max_len
+from .model_source import ModelSource, resolve_model_source, served_settings, use_source
 from .openai_route import OpenAIRoute, is_openai_job
 from .settings import TINY_MODEL_DIR, WorkerSettings, load_worker_settings
 
@@ -122,6 +123,23 @@ class Worker:
         threading.Thread(target=watch, name="engine-watchdog", daemon=True).start()
 
 
+def preprocessing_pool(settings: WorkerSettings) -> ThreadPoolExecutor:
+    """Threads for image decode and resize, with torch's own threads kept few.
+
+    In this (front-end) process torch only resizes and normalises images: the model runs
+    in vLLM's engine processes. With torch's default of one intra-op thread per core,
+    every concurrent job's resize would fan out over all cores at once and thrash; a
+    quarter of the cores per resize, several resizes in parallel, scales with the jobs.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 4))
+    return ThreadPoolExecutor(
+        max_workers=settings.preprocess_threads or max(2, os.cpu_count() or 2),
+        thread_name_prefix="vlm-pre",
+    )
+
+
 def warmup_input() -> dict[str, Any]:
     from PIL import Image
 
@@ -144,8 +162,12 @@ def warmup_input() -> dict[str, Any]:
     }
 
 
-def engine_spec(env: Mapping[str, str], settings: WorkerSettings) -> EngineSpec:
+def engine_spec(
+    env: Mapping[str, str], settings: WorkerSettings, source: ModelSource | None = None
+) -> EngineSpec:
     spec = build_engine_kwargs(env, settings)
+    if source is not None:
+        spec = use_source(spec, source)
     if "max_model_len" not in spec.explicit:
         model_max = model_max_len(
             spec.kwargs["model"],
@@ -169,13 +191,15 @@ def start_worker(env: Mapping[str, str] | None = None, *, warmup: bool | None = 
     env = os.environ if env is None else env
     settings = load_worker_settings(env)
     logs.setup(settings.log_level, settings.log_format, env)
+    source = resolve_model_source(env, settings)  # fails fast on a model that is nowhere
+    settings = served_settings(settings, source)
     if settings.uses_tiny_model:
         log.warning(
             "MODEL_NAME is not set: serving the built-in tiny random-weight model; "
             "its output is gibberish by design"
         )
     ensure_tiny_model(settings)
-    spec = engine_spec(env, settings)
+    spec = engine_spec(env, settings, source)
     shown = {
         k: v
         for k, v in spec.kwargs.items()
@@ -191,9 +215,7 @@ def start_worker(env: Mapping[str, str] | None = None, *, warmup: bool | None = 
             "max_model_len": engine.info.max_model_len,
         },
     )
-    executor = ThreadPoolExecutor(
-        max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vlm-pre"
-    )
+    executor = preprocessing_pool(settings)
     worker = Worker(settings, engine, JobRunner(engine, settings, executor=executor))
     if settings.warmup if warmup is None else warmup:
         seconds = worker.warmup()

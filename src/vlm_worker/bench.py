@@ -1,0 +1,679 @@
+"""Benchmark: the worker's job path against the bare vLLM engine, measured side by side.
+
+One engine, one process. Every comparison runs the same jobs (same encoded images, same
+prompt, same ``max_tokens`` with ``ignore_eos``) two ways, alternating, and reports the
+ratio handler / bare measured in that run:
+
+1. throughput and latency at concurrency 1, 8 and 32 (``Worker.handler``: validation,
+   image decode + resize, template, streaming with batching, result assembly; against
+   ``AsyncLLM.generate`` fed the decoded image on the engine's own loop);
+2. image preprocessing (decode / resize / template ms on one core) and end to end with
+   the handler's pre-resize against handing the full-size image to vLLM's processor, plus
+   the largest gap between a streaming job's chunks while 8 jobs with 4K PNGs are being
+   preprocessed;
+3. cold start, split by stage (a fresh child process);
+4. peak RSS with 32 concurrent jobs carrying 4K images.
+
+    python -m vlm_worker.bench [--out benchmarks/results] [--label cpu]
+
+Engine arguments come from the environment, exactly as the worker reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CONCURRENCY = (1, 8, 32)
+
+
+# ------------------------------------------------------------------ inputs
+def screenshot_png(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A screenshot-like image (flat panels, text-like noise rows) of realistic file size."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (width, height), (236, 238, 242))
+    draw = ImageDraw.Draw(img)
+    bar = max(8, height // 20)
+    draw.rectangle([0, 0, width, bar], fill=(32, 60, 110))
+    for _ in range(max(4, (width * height) // 200_000)):
+        x0, y0 = int(rng.integers(0, width - 40)), int(rng.integers(bar, height - 20))
+        x1 = min(width, x0 + int(rng.integers(40, max(41, width // 4))))
+        y1 = min(height, y0 + int(rng.integers(16, max(17, height // 6))))
+        draw.rectangle(
+            [x0, y0, x1, y1],
+            fill=tuple(int(c) for c in rng.integers(90, 255, 3)),
+            outline=(40, 40, 40),
+        )
+    pixels = np.asarray(img).copy()
+    # a photo-like panel (a wallpaper, an embedded picture): what makes real screenshots
+    # several MB as PNG, like the ones users send
+    ph, pw = height // 2, width // 2
+    yy, xx = np.mgrid[0:ph, 0:pw]
+    base = np.stack([(xx * 255 // pw), (yy * 255 // ph), ((xx + yy) * 127 // (pw + ph))], -1)
+    noise = rng.integers(-24, 24, size=(ph, pw, 3))
+    pixels[height - ph :, width - pw :] = np.clip(base + noise, 0, 255).astype(np.uint8)
+    rows = rng.integers(bar, height - 6, size=max(10, height // 12))
+    for y in rows:  # "text": short dark runs, which is what makes screenshots compress poorly
+        x = int(rng.integers(0, width // 2))
+        length = int(rng.integers(width // 8, width // 2))
+        mask = rng.random((5, length)) < 0.45
+        seg = pixels[y : y + 5, x : x + length]
+        seg[mask[:, : seg.shape[1]]] = 30
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def job_input(uri: str, max_tokens: int, stream: bool = True) -> dict[str, Any]:
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": uri}},
+                    {"type": "text", "text": "Describe the screen and list the buttons."},
+                ],
+            }
+        ],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": stream,
+    }
+
+
+# ------------------------------------------------------------------ stats
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values), q))
+
+
+@dataclass
+class JobTiming:
+    start: float
+    first: float | None
+    end: float
+    tokens: int
+    chunk_times: list[float] = field(default_factory=list)
+    preprocess_ms: float | None = None
+
+
+@dataclass
+class RoundStats:
+    mode: str
+    concurrency: int
+    jobs: int
+    wall_s: float
+    output_tokens: int
+    tokens_per_s: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    preprocess_p50_ms: float | None
+
+    @classmethod
+    def of(cls, mode: str, concurrency: int, timings: list[JobTiming], wall: float) -> RoundStats:
+        lat = [(t.end - t.start) * 1000 for t in timings]
+        ttft = [((t.first or t.end) - t.start) * 1000 for t in timings]
+        tokens = sum(t.tokens for t in timings)
+        pre = [t.preprocess_ms for t in timings if t.preprocess_ms is not None]
+        return cls(
+            mode,
+            concurrency,
+            len(timings),
+            round(wall, 4),
+            tokens,
+            round(tokens / wall, 2),
+            round(pct(lat, 50), 2),
+            round(pct(lat, 95), 2),
+            round(pct(ttft, 50), 2),
+            round(pct(ttft, 95), 2),
+            round(pct(pre, 50), 2) if pre else None,
+        )
+
+
+# ------------------------------------------------------------------ the two paths
+class Bench:
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.engine = worker.engine
+        info = worker.engine.info
+        self.bare_prompt = info.templater.apply_chat_template(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "text", "text": "Describe the screen and list the buttons."},
+                    ],
+                }
+            ],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        self._n = 0
+
+    def _rid(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}-{self._n}"
+
+    async def handler_job(self, uri: str, max_tokens: int, stream: bool = True) -> JobTiming:
+        start = time.perf_counter()
+        first = None
+        chunk_times = []
+        tokens = 0
+        pre = None
+        async for chunk in self.worker.handler(
+            {"id": self._rid("h"), "input": job_input(uri, max_tokens, stream)}
+        ):
+            now = time.perf_counter()
+            chunk_times.append(now)
+            if first is None and (chunk.get("text") or "usage" in chunk):
+                first = now
+            if "error" in chunk:
+                raise RuntimeError(f"handler job failed: {chunk['error']}")
+            if "usage" in chunk:
+                tokens = chunk["usage"]["completion_tokens"]
+                pre = chunk["timings"]["preprocess_ms"]
+        return JobTiming(start, first, time.perf_counter(), tokens, chunk_times, pre)
+
+    async def bare_job(self, data: bytes, max_tokens: int) -> JobTiming:
+        """What a user of the bare engine does: decode the bytes, hand vLLM the image."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        img = await loop.run_in_executor(None, lambda: Image.open(io.BytesIO(data)).convert("RGB"))
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            temperature=0.0,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        first = None
+        tokens = 0
+        prompt = {"prompt": self.bare_prompt, "multi_modal_data": {"image": img}}
+        async for out in self.engine.llm.generate(prompt, params, self._rid("b")):
+            n = len(out.outputs[0].token_ids)
+            if n and first is None:
+                first = time.perf_counter()
+            tokens += n
+        return JobTiming(start, first, time.perf_counter(), tokens)
+
+    async def _gather(
+        self, make: Callable[[int], Any], jobs: int, concurrency: int
+    ) -> tuple[list[JobTiming], float]:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> JobTiming:
+            async with sem:
+                return await make(i)
+
+        start = time.perf_counter()
+        timings = await asyncio.gather(*(one(i) for i in range(jobs)))
+        return list(timings), time.perf_counter() - start
+
+    def handler_round(
+        self, uris: list[str], max_tokens: int, concurrency: int, jobs: int
+    ) -> RoundStats:
+        async def go() -> tuple[list[JobTiming], float]:
+            return await self._gather(
+                lambda i: self.handler_job(uris[i % len(uris)], max_tokens), jobs, concurrency
+            )
+
+        timings, wall = asyncio.run(go())
+        return RoundStats.of("handler", concurrency, timings, wall)
+
+    def bare_round(
+        self, images: list[bytes], max_tokens: int, concurrency: int, jobs: int
+    ) -> RoundStats:
+        async def go() -> tuple[list[JobTiming], float]:
+            return await self._gather(
+                lambda i: self.bare_job(images[i % len(images)], max_tokens), jobs, concurrency
+            )
+
+        timings, wall = asyncio.run_coroutine_threadsafe(go(), self.engine.loop).result()
+        return RoundStats.of("bare", concurrency, timings, wall)
+
+
+# ------------------------------------------------------------------ sections
+def throughput(bench: Bench, images: list[bytes], max_tokens: int, reps: int) -> list[dict]:
+    uris = [data_uri(b) for b in images]
+    rows = []
+    for c in CONCURRENCY:
+        jobs = max(4, 2 * c)
+        runs: dict[str, list[RoundStats]] = {"handler": [], "bare": []}
+        for _ in range(reps):  # alternate, so drift hits both modes alike
+            runs["bare"].append(bench.bare_round(images, max_tokens, c, jobs))
+            runs["handler"].append(bench.handler_round(uris, max_tokens, c, jobs))
+        best = {m: max(rs, key=lambda r: r.tokens_per_s) for m, rs in runs.items()}
+        h, b = best["handler"], best["bare"]
+        row = {
+            "concurrency": c,
+            "jobs": jobs,
+            "max_tokens": max_tokens,
+            "handler": asdict(h),
+            "bare": asdict(b),
+            "ratio_tokens_per_s": round(h.tokens_per_s / b.tokens_per_s, 4),
+            "ratio_latency_p50": round(h.latency_p50_ms / b.latency_p50_ms, 4),
+            "ratio_latency_p95": round(h.latency_p95_ms / b.latency_p95_ms, 4),
+            "ratio_ttft_p50": round(h.ttft_p50_ms / b.ttft_p50_ms, 4),
+            "added_ttft_p50_ms": round(h.ttft_p50_ms - b.ttft_p50_ms, 2),
+            "all_runs": {m: [asdict(r) for r in rs] for m, rs in runs.items()},
+        }
+        rows.append(row)
+        print(
+            f"  c={c:>2}: handler {h.tokens_per_s:8.1f} tok/s  bare {b.tokens_per_s:8.1f} tok/s"
+            f"  ratio {row['ratio_tokens_per_s']:.3f}  ttft p50 {h.ttft_p50_ms:.1f} vs "
+            f"{b.ttft_p50_ms:.1f} ms (handler preprocessing p50 {h.preprocess_p50_ms} ms)",
+            flush=True,
+        )
+    return rows
+
+
+def preprocessing(bench: Bench) -> list[dict]:
+    """Decode / resize / template on one core, and end to end: pre-resize vs full size."""
+    from .images import open_image, resize_like_processor
+    from .inputs import parse_job
+    from .prompt import normalize_placeholders, render, template_messages
+
+    info = bench.engine.info
+    cases = [
+        ("3840x2160 PNG", screenshot_png(3840, 2160, 1), "image/png"),
+        ("1920x1080 PNG", screenshot_png(1920, 1080, 2), "image/png"),
+        ("4000x3000 JPEG", screenshot_png(4000, 3000, 3, "JPEG"), "image/jpeg"),
+    ]
+    rows = []
+    for name, data, mime in cases:
+        decode, resize, template = [], [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            img, _ = open_image(data, "bench", 200_000_000)
+            t1 = time.perf_counter()
+            h, w = info.geometry.target_size(img.height, img.width)
+            resized = resize_like_processor(img, (h, w), info.image_processor)
+            t2 = time.perf_counter()
+            job = parse_job(job_input(data_uri(data, mime), 1))
+            text = render(info.templater, template_messages(job.messages))
+            normalize_placeholders(text, 1, info.placeholder, info.image_token)
+            info.count_text_tokens(text)
+            t3 = time.perf_counter()
+            decode.append((t1 - t0) * 1000)
+            resize.append((t2 - t1) * 1000)
+            template.append((t3 - t2) * 1000)
+        same = _same_pixels(info.image_processor, info.geometry, img, resized)
+        uri = data_uri(data, mime)
+        e2e_h, e2e_b = [], []
+        for _ in range(3):
+            e2e_b.append(_run_bare(bench, bench.bare_job(data, 1)))
+            e2e_h.append(_run(bench, bench.handler_job(uri, 1, stream=False)))
+        # 8 such jobs arriving together: the handler decodes and resizes them in its thread
+        # pool; the bare engine's processor resizes them one after another on its loop.
+        burst_h = bench.handler_round([uri], 1, 8, 8).wall_s * 1000
+        burst_b = bench.bare_round([data], 1, 8, 8).wall_s * 1000
+        row = {
+            "image": name,
+            "bytes": len(data),
+            "resized": [w, h],
+            "decode_ms": round(statistics.median(decode), 1),
+            "resize_ms": round(statistics.median(resize), 1),
+            "template_ms": round(statistics.median(template), 2),
+            "resized_pixels_identical_to_processor": same,
+            "e2e_prefixed_resize_ms": round(statistics.median(e2e_h), 1),
+            "e2e_full_size_to_vllm_ms": round(statistics.median(e2e_b), 1),
+            "burst_of_8_prefixed_resize_ms": round(burst_h, 1),
+            "burst_of_8_full_size_to_vllm_ms": round(burst_b, 1),
+        }
+        row["burst_ratio"] = round(burst_h / burst_b, 3)
+        row["e2e_ratio"] = round(row["e2e_prefixed_resize_ms"] / row["e2e_full_size_to_vllm_ms"], 3)
+        rows.append(row)
+        print(
+            f"  {name}: decode {row['decode_ms']} ms, resize {row['resize_ms']} ms, template "
+            f"{row['template_ms']} ms; e2e {row['e2e_prefixed_resize_ms']} vs "
+            f"{row['e2e_full_size_to_vllm_ms']} ms; 8 at once "
+            f"{row['burst_of_8_prefixed_resize_ms']} vs {row['burst_of_8_full_size_to_vllm_ms']}"
+            f" ms; identical pixels: {same}",
+            flush=True,
+        )
+    return rows
+
+
+def _same_pixels(
+    image_processor: Any, geometry: Any, original: Image.Image, resized: Image.Image
+) -> bool:
+    """The processor's output for the original and for our pre-resized image, compared
+    bit for bit, with the bounds vLLM gives the processor (IMAGE_MIN/MAX_PIXELS)."""
+    import torch
+
+    bounds = {"min_pixels": geometry.min_pixels, "max_pixels": geometry.max_pixels}
+    a = image_processor(images=[original], return_tensors="pt", **bounds)
+    b = image_processor(images=[resized], return_tensors="pt", **bounds)
+    return bool(
+        torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+        and torch.equal(a["pixel_values"], b["pixel_values"])
+    )
+
+
+def _run(bench: Bench, coro: Any) -> float:
+    t = asyncio.run(coro)
+    return (t.end - t.start) * 1000
+
+
+def _run_bare(bench: Bench, coro: Any) -> float:
+    t = asyncio.run_coroutine_threadsafe(coro, bench.engine.loop).result()
+    return (t.end - t.start) * 1000
+
+
+def stream_gaps(bench: Bench, max_tokens: int) -> dict:
+    """Largest gap between a streaming job's chunks, alone and beside 8 4K-image jobs."""
+    small = data_uri(screenshot_png(640, 360, 5))
+    big = data_uri(screenshot_png(3840, 2160, 6))
+
+    async def measure(with_load: bool) -> tuple[float, float]:
+        lag = [0.0]
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            loop = asyncio.get_running_loop()
+            last = loop.time()
+            while not stop.is_set():
+                await asyncio.sleep(0.002)
+                now = loop.time()
+                lag[0] = max(lag[0], now - last - 0.002)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        streamer = asyncio.create_task(bench.handler_job(small, max_tokens))
+        await asyncio.sleep(0.3)  # the streamer is generating
+        load = [
+            asyncio.create_task(bench.handler_job(big, 1, stream=False))
+            for _ in range(8 if with_load else 0)
+        ]
+        timing = await streamer
+        await asyncio.gather(*load)
+        stop.set()
+        await tick
+        gaps = np.diff(np.asarray(timing.chunk_times[1:-1]))
+        return float(gaps.max() * 1000), lag[0] * 1000
+
+    # one token per chunk, so gaps show every stall
+    saved = bench.worker.runner.policy
+    from .stream import BatchPolicy
+
+    bench.worker.runner.policy = BatchPolicy(1, 1, 1.0)
+    try:
+        alone = [asyncio.run(measure(False)) for _ in range(2)]
+        loaded = [asyncio.run(measure(True)) for _ in range(2)]
+    finally:
+        bench.worker.runner.policy = saved
+    a = min(g for g, _ in alone)
+    b = min(g for g, _ in loaded)
+    result = {
+        "max_gap_alone_ms": round(a, 2),
+        "max_gap_with_8_4k_jobs_ms": round(b, 2),
+        "ratio": round(b / a, 3),
+        "event_loop_max_lag_ms": round(max(lag for _, lag in loaded), 2),
+    }
+    print(
+        f"  streaming gap: alone {a:.1f} ms, beside 8 4K jobs {b:.1f} ms "
+        f"(ratio {result['ratio']}), loop lag {result['event_loop_max_lag_ms']} ms",
+        flush=True,
+    )
+    return result
+
+
+def memory(bench: Bench, max_tokens: int) -> dict:
+    import psutil
+
+    me = psutil.Process()
+    uris = [data_uri(screenshot_png(3840, 2160, 10 + i)) for i in range(4)]
+    peak = {"rss": me.memory_info().rss, "children": 0}
+    base = dict(peak)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak["rss"] = max(peak["rss"], me.memory_info().rss)
+            kids = 0
+            for child in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    kids += child.memory_info().rss
+            peak["children"] = max(peak["children"], kids)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    stats = bench.handler_round(uris, max_tokens, 32, 32)
+    done.set()
+    t.join()
+    result = {
+        "jobs": 32,
+        "image": "3840x2160 PNG",
+        "worker_rss_before_mb": round(base["rss"] / 2**20),
+        "worker_rss_peak_mb": round(peak["rss"] / 2**20),
+        "engine_processes_rss_peak_mb": round(peak["children"] / 2**20),
+        "round": asdict(stats),
+    }
+    print(
+        f"  memory: worker RSS {result['worker_rss_before_mb']} -> peak "
+        f"{result['worker_rss_peak_mb']} MiB with 32 concurrent 4K jobs; engine processes "
+        f"{result['engine_processes_rss_peak_mb']} MiB",
+        flush=True,
+    )
+    return result
+
+
+def cold_start() -> dict:
+    """A fresh child process: interpreter start → imports → engine → warm-up → first job."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlm_worker.bench", "--cold-start-child"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("COLD ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"cold start child failed: {proc.stderr[-2000:]}")
+    result = json.loads(lines[-1][5:])
+    print("  cold start: " + ", ".join(f"{k} {v} s" for k, v in result.items()), flush=True)
+    return result
+
+
+def _cold_start_child() -> None:
+    import psutil
+
+    born = psutil.Process().create_time()
+    t_imports = time.time()
+    from .worker import start_worker  # noqa: F401  (the import is what is timed)
+
+    t_imported = time.time()
+    from . import worker as worker_mod
+
+    stages: dict[str, float] = {}
+    original = worker_mod.VllmEngine.start
+
+    def timed_start(*a: Any, **k: Any) -> Any:
+        t = time.time()
+        out = original(*a, **k)
+        stages["engine_start_s"] = time.time() - t
+        return out
+
+    worker_mod.VllmEngine.start = timed_start  # type: ignore[method-assign]
+    t0 = time.time()
+    w = worker_mod.start_worker(warmup=False)
+    t1 = time.time()
+    secs = w.warmup()
+    t2 = time.time()
+    data = screenshot_png(1280, 720, 7)
+
+    async def first() -> None:
+        async for _ in w.handler({"id": "first", "input": job_input(data_uri(data), 32)}):
+            pass
+
+    asyncio.run(first())
+    t3 = time.time()
+    w.engine.shutdown()
+    result = {
+        "process_to_imports_s": round(t_imports - born, 2),
+        "imports_s": round(t_imported - t_imports, 2),
+        "engine_start_s": round(stages.get("engine_start_s", 0.0), 2),
+        "other_startup_s": round((t1 - t0) - stages.get("engine_start_s", 0.0), 2),
+        "warmup_s": round(secs, 2),
+        "first_job_s": round(t3 - t2, 2),
+        "process_to_first_job_done_s": round(t3 - born, 2),
+    }
+    print("COLD " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------ report
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def targets(results: dict) -> dict:
+    rows = results["throughput"]
+    return {
+        "handler_tokens_per_s_ratio_min": min(r["ratio_tokens_per_s"] for r in rows),
+        "handler_tokens_per_s_ratio_ge_0.98": all(r["ratio_tokens_per_s"] >= 0.98 for r in rows),
+        "added_ttft_p50_ms_max": max(r["added_ttft_p50_ms"] for r in rows),
+        "stream_gap_ratio_le_1.2": results["stream_gaps"]["ratio"] <= 1.2,
+        "prefixed_resize_faster_for_4k_single": results["preprocessing"][0]["e2e_ratio"] < 1.0,
+        "prefixed_resize_faster_for_4k_burst_of_8": results["preprocessing"][0]["burst_ratio"]
+        < 1.0,
+        "resized_pixels_identical": all(
+            r["resized_pixels_identical_to_processor"] for r in results["preprocessing"]
+        ),
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["throughput"]
+    cs = [str(r["concurrency"]) for r in rows]
+    x = np.arange(len(cs))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, title in (
+        (axes[0], "tokens_per_s", "output tokens/s"),
+        (axes[1], "ttft_p50_ms", "time to first token p50 (ms)"),
+    ):
+        ax.bar(x - 0.2, [r["bare"][key] for r in rows], 0.4, label="bare engine")
+        ax.bar(x + 0.2, [r["handler"][key] for r in rows], 0.4, label="handler")
+        ax.set_xticks(x, cs)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.legend()
+    pre = results["preprocessing"]
+    names = [p["image"] for p in pre]
+    bottom = np.zeros(len(pre))
+    for key in ("decode_ms", "resize_ms", "template_ms"):
+        vals = np.asarray([p[key] for p in pre])
+        axes[2].bar(names, vals, bottom=bottom, label=key.removesuffix("_ms"))
+        bottom += vals
+    axes[2].set_title("preprocessing per image, one core (ms)")
+    axes[2].legend()
+    axes[2].tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"vlm-worker vs bare vLLM: {results['device']}, {results['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--label", default="cpu")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--skip-cold-start", action="store_true")
+    parser.add_argument(
+        "--only-throughput", action="store_true", help="section 1 only (quick before/after)"
+    )
+    parser.add_argument("--cold-start-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.cold_start_child:
+        _cold_start_child()
+        return 0
+
+    os.environ.setdefault("LOG_LEVEL", "WARNING")  # per-job logs would swamp the report
+    import vllm
+
+    from .worker import start_worker
+
+    t_all = time.perf_counter()
+    results: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "label": args.label,
+        "device": device_name(),
+        "vllm": vllm.__version__,
+    }
+    if not (args.skip_cold_start or args.only_throughput):
+        print("cold start (child process) ...", flush=True)
+        results["cold_start"] = cold_start()
+    worker = start_worker()
+    try:
+        results["model"] = worker.engine.info.name
+        results["max_model_len"] = worker.engine.info.max_model_len
+        bench = Bench(worker)
+        images = [screenshot_png(1280, 720, seed) for seed in range(4)]
+        print(f"throughput, 1280x720 PNG, {args.max_tokens} tokens ...", flush=True)
+        results["throughput"] = throughput(bench, images, args.max_tokens, args.reps)
+        if args.only_throughput:
+            return 0
+        print("image preprocessing ...", flush=True)
+        results["preprocessing"] = preprocessing(bench)
+        results["stream_gaps"] = stream_gaps(bench, 3 * args.max_tokens)
+        print("memory ...", flush=True)
+        results["memory"] = memory(bench, args.max_tokens)
+    finally:
+        worker.engine.shutdown()
+    results["targets"] = targets(results)
+    results["bench_seconds"] = round(time.perf_counter() - t_all, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{results['date']}-{args.label}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, stem.with_suffix(".png"))
+    print(json.dumps(results["targets"], indent=2))
+    print(f"wrote {stem}.json and {stem}.png in {results['bench_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
