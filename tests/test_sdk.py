@@ -147,11 +147,18 @@ def api_server(tiny_model):
                 pytest.fail("API server did not come up")
             time.sleep(1)
     yield base
+    import psutil
+
+    engine_procs = psutil.Process(proc.pid).children(recursive=True)
     proc.terminate()
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+    _, alive = psutil.wait_procs(engine_procs, timeout=30)
+    for p in alive:
+        p.kill()
+    assert not alive, f"SIGTERM left engine processes running: {alive}"
 
 
 def test_runsync_returns_real_streamed_output(api_server):

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -295,7 +296,25 @@ def main(argv: list[str] | None = None) -> None:
         worker.engine.shutdown()
         sys.exit(code)
     worker.start_watchdog()
+    stop_engine_on_sigterm(worker)
     try:
         runpod.serverless.start(worker.runpod_config())
     finally:
         worker.engine.shutdown()
+
+
+def stop_engine_on_sigterm(worker: Worker) -> None:
+    """Stop vLLM's engine processes when the platform stops this worker.
+
+    uvicorn (``--rp_serve_api``) re-raises SIGTERM after its own graceful shutdown, which
+    would kill this process without running ``finally`` blocks and leave the engine core
+    running as an orphan holding the GPU. The SDK's queue loop installs its own handler
+    while it runs and returns normally, so the ``finally`` in ``main`` covers that path.
+    """
+
+    def on_term(signum: int, frame: Any) -> None:
+        log.info("SIGTERM: stopping the engine")
+        worker.engine.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
