@@ -520,6 +520,10 @@ def _cold_start_child() -> None:
     from .worker import start_worker  # noqa: F401  (the import is what is timed)
 
     t_imported = time.time()
+    import vllm  # noqa: F401  (what start_worker would import first; timed on its own)
+    from vllm import AsyncEngineArgs  # noqa: F401
+
+    t_vllm = time.time()
     from . import worker as worker_mod
 
     stages: dict[str, float] = {}
@@ -549,6 +553,7 @@ def _cold_start_child() -> None:
     result = {
         "process_to_imports_s": round(t_imports - born, 2),
         "imports_s": round(t_imported - t_imports, 2),
+        "vllm_import_s": round(t_vllm - t_imported, 2),
         "engine_start_s": round(stages.get("engine_start_s", 0.0), 2),
         "other_startup_s": round((t1 - t0) - stages.get("engine_start_s", 0.0), 2),
         "warmup_s": round(secs, 2),
@@ -627,7 +632,8 @@ def markdown(results: dict) -> str:
     ]
     if c:
         lines.append(
-            f"- Cold start: imports {c['imports_s']} s, engine {c['engine_start_s']} s, other "
+            f"- Cold start: imports {c['imports_s']} s (vLLM {c.get('vllm_import_s', 'in other')} s), "
+            f"engine {c['engine_start_s']} s, other "
             f"start-up {c['other_startup_s']} s, warm-up {c['warmup_s']} s, first job "
             f"{c['first_job_s']} s; process start to first job done "
             f"{c['process_to_first_job_done_s']} s."
