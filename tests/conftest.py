@@ -110,3 +110,46 @@ def worker(tiny_model: str) -> Iterator[Any]:
 
 async def collect(worker: Any, job_input: Any, job_id: str = "t") -> list[dict]:
     return [c async for c in worker.handler({"id": job_id, "input": job_input})]
+
+
+def start_api_server(env: dict[str, str], timeout: float = 300) -> tuple[Any, str]:
+    """``python handler.py --rp_serve_api`` on a free loopback port, once it answers."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "handler.py",
+            "--rp_serve_api",
+            "--rp_api_host",
+            "127.0.0.1",
+            "--rp_api_port",
+            str(port),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"API server exited: {proc.stderr.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(base + "/docs", timeout=2)
+            return proc, base
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("API server did not come up") from None
+            time.sleep(1)

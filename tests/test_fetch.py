@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from conftest import encode, image_job, screenshot
-from test_job_runner import info, runner_for, tok  # noqa: F401  (info: a fixture)
+from fakes import tok
+from test_job_runner import info, runner_for  # noqa: F401  (info: a fixture)
 from vlm_worker.errors import ConfigError, ImageFetchError
 from vlm_worker.fetch import FetchLimits, ImageFetcher, sniff_image
 from vlm_worker.netguard import (

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +16,8 @@ from hypothesis import strategies as st
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from conftest import data_uri, screenshot
-from vlm_worker.engine import Delta, EngineRequest, ModelInfo
+from fakes import ScriptedEngine, answer_script, scripted_info
+from vlm_worker.engine import ModelInfo
 from vlm_worker.errors import InvalidInput
 from vlm_worker.grounding import (
     GTA1_MAX_PIXELS,
@@ -329,50 +329,15 @@ def test_jobs_that_cannot_be_grounded_name_the_field(data, field, words):
 
 
 # ---------------------------------------------------------------------------- job path
-class AnsweringEngine:
-    """Answers every request with ``answer``, in pieces, like a streaming model."""
-
-    def __init__(self, info: ModelInfo, answer: str, finish: str = "stop"):
-        self.info = info
-        self.answer = answer
-        self.finish = finish
-        self.requests: list[EngineRequest] = []
-        self.dead = False
-
-    async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
-        self.requests.append(request)
-        pieces = [self.answer[i : i + 2] for i in range(0, len(self.answer), 2)] or [""]
-        for i, piece in enumerate(pieces):
-            await asyncio.sleep(0)
-            last = i == len(pieces) - 1
-            yield Delta(
-                text=piece,
-                tokens=1,
-                prompt_tokens=10 if i == 0 else None,
-                finished=last,
-                finish_reason=self.finish if last else None,
-            )
-
-    async def num_unfinished(self) -> int:
-        return 0
-
-
 @pytest.fixture
 def info(processor) -> ModelInfo:
-    return ModelInfo(
-        name="scripted",
-        max_model_len=32768,
-        geometry=ImageGeometry(),  # the tiny model's processor: 3136 .. 1003520 pixels
-        image_processor=processor.image_processor,
-        templater=processor,
-        tokenizer=processor.tokenizer,
-        placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-        image_token="<|image_pad|>",
-    )
+    return scripted_info(processor, max_model_len=32768)
 
 
 async def run_job(info, answer, job_input, finish="stop", **env):
-    runner = JobRunner(AnsweringEngine(info, answer, finish), load_worker_settings(env))
+    runner = JobRunner(
+        ScriptedEngine(info, answer_script(answer, finish)), load_worker_settings(env)
+    )
     chunks = [c async for c in runner.run({"id": "g1", "input": job_input})]
     return runner, chunks
 

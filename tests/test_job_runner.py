@@ -8,48 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 
 from conftest import image_job, mm_kwargs
-from vlm_worker.engine import Delta, EngineRequest, ModelInfo
+from fakes import ScriptedEngine, scripted_info, tok
+from vlm_worker.engine import ModelInfo
 from vlm_worker.errors import EngineDead, EngineError, WorkerError
 from vlm_worker.job import JobRunner
 from vlm_worker.model_info import geometry_from
 from vlm_worker.settings import load_worker_settings
 
 
-class ScriptedEngine:
-    def __init__(self, info: ModelInfo, script):
-        self.info = info
-        self.script = script
-        self.requests: list[EngineRequest] = []
-        self.dead = False
-
-    async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
-        self.requests.append(request)
-        for step in self.script:
-            if isinstance(step, BaseException):
-                raise step
-            await asyncio.sleep(0)
-            yield step
-
-    async def num_unfinished(self) -> int:
-        return 0
-
-
 @pytest.fixture
 def info(processor) -> ModelInfo:
-    return ModelInfo(
-        name="scripted",
-        max_model_len=4096,
-        geometry=geometry_from(processor.image_processor, mm_kwargs({})),
-        image_processor=processor.image_processor,
-        templater=processor,
-        tokenizer=processor.tokenizer,
-        placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-        image_token="<|image_pad|>",
+    return scripted_info(
+        processor, geometry=geometry_from(processor.image_processor, mm_kwargs({}))
     )
 
 
@@ -60,10 +34,6 @@ def runner_for(info, script, fatal=None, **env):
 
 async def run(runner, job_input):
     return [c async for c in runner.run({"id": "j1", "input": job_input})]
-
-
-def tok(text, finished=False, reason=None, prompt=None):
-    return Delta(text=text, tokens=1, finished=finished, finish_reason=reason, prompt_tokens=prompt)
 
 
 async def test_engine_death_after_first_chunk_ends_with_an_error_and_is_fatal(info):

@@ -6,8 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import data_uri, image_job, screenshot
+from conftest import data_uri, image_job, screenshot, start_api_server
 from vlm_worker import logs
 from vlm_worker.job import JobRunner
 
@@ -79,40 +77,10 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 def test_engine_death_fails_in_flight_jobs_and_exits_nonzero(tiny_model):
     """Kill the engine core mid-job: the job gets engine_error, the worker exits 1."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "MODEL_NAME"}
     env["WARMUP"] = "false"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "handler.py",
-            "--rp_serve_api",
-            "--rp_api_host",
-            "127.0.0.1",
-            "--rp_api_port",
-            str(port),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_api_server(env)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            try:
-                urllib.request.urlopen(base + "/docs", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(1)
         result: dict = {}
 
         def post():

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import image_job
+from conftest import image_job, start_api_server
 from vlm_worker.worker import local_job, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,12 +98,6 @@ def test_unloadable_model_exits_nonzero_with_the_cause(tmp_path):
     assert "failed to start" in proc.stderr and "no-such-model" in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict, timeout: float = 120) -> dict:
     req = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -116,36 +108,7 @@ def _post(url: str, body: dict, timeout: float = 120) -> dict:
 
 @pytest.fixture(scope="module")
 def api_server(tiny_model):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "handler.py",
-            "--rp_serve_api",
-            "--rp_api_host",
-            "127.0.0.1",
-            "--rp_api_port",
-            str(port),
-        ],
-        cwd=ROOT,
-        env=worker_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"API server exited: {proc.stderr.read()[-3000:]}")
-        try:
-            urllib.request.urlopen(base + "/docs", timeout=2)
-            break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("API server did not come up")
-            time.sleep(1)
+    proc, base = start_api_server(worker_env())
     yield base
     import psutil
 
