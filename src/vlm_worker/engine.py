@@ -182,11 +182,7 @@ class VllmEngine:
         async def pump() -> None:
             batcher = Batcher(request.batch)
             try:
-                # vLLM's async renderer tokenizes and runs the multimodal processor in its
-                # own thread pool; handing generate() a raw prompt would run them here, on
-                # the engine's loop, stalling every stream for each new image.
-                (engine_input,) = await self._llm.renderer.render_cmpl_async([prompt])
-                async for out in self._llm.generate(engine_input, params, request.request_id):
+                async for out in self._llm.generate(prompt, params, request.request_id):
                     batch = batcher.add(_delta(out))
                     if batch is not None:
                         caller.call_soon_threadsafe(put, batch)

@@ -9,7 +9,6 @@ accepted instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from collections.abc import Mapping
 from functools import cache
@@ -94,8 +93,6 @@ def build_engine_kwargs(
     kwargs: dict[str, Any] = {
         "model": settings.resolved_model,
         "limit_mm_per_prompt": {"image": settings.max_images_per_job, "video": 0},
-        # threads for vLLM's own tokenization and image processing (see engine.py)
-        "renderer_num_workers": max(1, min(8, (os.cpu_count() or 2) // 4)),
     }
     problems: list[str] = []
     explicit: set[str] = set()
