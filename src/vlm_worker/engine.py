@@ -155,13 +155,6 @@ class VllmEngine:
     async def _unfinished(self) -> int:
         return self._llm.output_processor.get_num_unfinished_requests()
 
-    async def check_health(self) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self._llm.check_health(), self._loop)
-        try:
-            await asyncio.wrap_future(fut)
-        except Exception as exc:
-            raise EngineDead(f"the engine is not healthy: {exc}") from exc
-
     # --------------------------------------------------------------- generate
     async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
         """Deltas for one request; closing or cancelling this iterator aborts it in vLLM."""
