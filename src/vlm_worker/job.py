@@ -20,7 +20,7 @@ from typing import Any
 from . import grounding
 from .engine import Delta, Engine, EngineRequest
 from .errors import InvalidInput, JobTimeout, WorkerError, internal_error
-from .fetch import ImageFetcher
+from .fetch import FetchLimits, ImageFetcher
 from .images import ImageGeometry, PreparedImage, decode_inline, is_url, prepare_image
 from .inputs import Job, parse_job
 from .prompt import check_length, normalize_placeholders, render, template_messages
@@ -133,8 +133,6 @@ class JobRunner:
         fetcher: ImageFetcher | None = None,
         on_fatal: Callable[[WorkerError], None] | None = None,
     ) -> None:
-        from .fetch import FetchLimits
-
         self.engine = engine
         self.settings = settings
         self.executor = executor
@@ -215,24 +213,22 @@ class JobRunner:
         self, field: str, source: str, geometry: ImageGeometry | None = None
     ) -> PreparedImage:
         settings = self.settings
-        loop = asyncio.get_running_loop()
-        if is_url(source):
-            data = await self.fetcher.fetch(source, field)
-        else:
-            data = await loop.run_in_executor(
-                self.executor, decode_inline, source, field, settings.max_image_bytes
-            )
         info = self.engine.info
-        return await loop.run_in_executor(
-            self.executor,
-            lambda: prepare_image(
+        fetched = await self.fetcher.fetch(source, field) if is_url(source) else None
+
+        def work() -> PreparedImage:  # base64, decode and resize in one trip to the pool
+            data = fetched
+            if data is None:
+                data = decode_inline(source, field, settings.max_image_bytes)
+            return prepare_image(
                 data,
                 field=field,
                 geometry=geometry or info.geometry,
                 processor=info.image_processor,
                 max_source_pixels=settings.max_image_source_pixels,
-            ),
-        )
+            )
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
     def _prompt(self, job: Job, images: list[PreparedImage]) -> tuple[str, int]:
         info = self.engine.info

@@ -27,7 +27,7 @@ from typing import Any
 from . import logs
 from .engine import VllmEngine
 from .engine_args import EngineSpec, build_engine_kwargs, default_max_model_len
-from .errors import ConfigError, WorkerError
+from .errors import ConfigError, EngineDead, WorkerError
 from .job import JobRunner
 from .model_info import build_model_info, model_max_len
 from .model_source import ModelSource, resolve_model_source, served_settings, use_source
@@ -115,8 +115,6 @@ class Worker:
         def watch() -> None:
             while not self.exiting:
                 if self.engine.dead:
-                    from .errors import EngineDead
-
                     self.on_fatal(EngineDead("the engine process died while idle"))
                     return
                 time.sleep(interval)
