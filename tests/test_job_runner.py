@@ -132,3 +132,42 @@ async def test_image_work_runs_off_the_event_loop(info):
     stop.set()
     await t
     assert max(gaps) < 0.1, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
+
+
+async def test_engine_stream_that_ends_unfinished_still_ends_the_job():
+    """If vLLM's stream stops without a finished output, the reader is not left waiting."""
+    import threading
+    from types import SimpleNamespace
+
+    from vlm_worker.engine import EngineRequest, VllmEngine, _run_loop
+
+    class StoppingLLM:
+        errored = False
+
+        async def generate(self, prompt, params, request_id):
+            yield SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(text="hi", token_ids=[1], finish_reason=None, stop_reason=None)
+                ],
+                prompt_token_ids=[1, 2, 3],
+                finished=False,
+            )
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    thread = threading.Thread(target=_run_loop, args=(loop, ready), daemon=True)
+    thread.start()
+    ready.wait()
+    engine = VllmEngine(StoppingLLM(), None, loop, thread)
+    request = EngineRequest(request_id="r", prompt="p", images=[], sampling={"max_tokens": 5})
+
+    async def collect_all():
+        return [d async for d in engine.generate(request)]
+
+    try:
+        deltas = await asyncio.wait_for(collect_all(), 10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert deltas[-1].finished and deltas[-1].finish_reason == "abort"
+    assert "".join(d.text for d in deltas) == "hi"

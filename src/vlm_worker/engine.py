@@ -175,10 +175,18 @@ class VllmEngine:
         async def pump() -> None:
             batcher = Batcher(request.batch)
             try:
+                finished = False
                 async for out in self._llm.generate(prompt, params, request.request_id):
                     batch = batcher.add(_delta(out))
                     if batch is not None:
+                        finished = batch.finished
                         caller.call_soon_threadsafe(put, batch)
+                if not finished:
+                    # vLLM ended the stream without a finished output: end ours too, so
+                    # the reader never waits for a delta that will not come.
+                    last = batcher.flush() or Delta()
+                    last.finished, last.finish_reason = True, last.finish_reason or "abort"
+                    caller.call_soon_threadsafe(put, last)
             except BaseException as exc:  # delivered to the reader, which re-raises ours
                 caller.call_soon_threadsafe(put, exc)
                 if isinstance(exc, asyncio.CancelledError):
