@@ -101,11 +101,12 @@ def worker(tiny_model: str) -> Iterator[Any]:
 
     env = {k: v for k, v in os.environ.items() if k != "MODEL_NAME"}
     env["MAX_CONCURRENCY"] = "8"
+    env["PREPROCESS_PROCESSES"] = "0"  # threads; test_e2e_engine compares with a process
     w = start_worker(env)
     try:
         yield w
     finally:
-        w.engine.shutdown()
+        w.shutdown()
 
 
 async def collect(worker: Any, job_input: Any, job_id: str = "t") -> list[dict]:

@@ -1,4 +1,5 @@
-"""Test support: a scripted engine behind the worker's ``Engine`` interface.
+"""Test support: a scripted engine behind the worker's ``Engine`` interface, and an image
+function that crashes its worker process on demand.
 
 For failures and answers the real engine cannot produce on demand; the job path around it
 (schema, images, templates, the tiny model's processor) stays real.
@@ -7,11 +8,12 @@ For failures and answers the real engine cannot produce on demand; the job path 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 from vlm_worker.engine import Delta, EngineRequest, ModelInfo
-from vlm_worker.images import ImageGeometry
+from vlm_worker.images import ImageGeometry, PreparedImage, prepare_source
 
 
 class ScriptedEngine:
@@ -64,3 +66,14 @@ def scripted_info(
         placeholder="<|vision_start|><|image_pad|><|vision_end|>",
         image_token="<|image_pad|>",
     )
+
+
+#: A source that makes ``crash_on_marker`` kill its process, as a decoder crash would.
+CRASH_MARKER = "data:image/png;base64,Q1JBU0g="
+
+
+def crash_on_marker(source: str | bytes, **kwargs: Any) -> PreparedImage:
+    """``prepare_source``, except that one marked source kills the worker process."""
+    if source == CRASH_MARKER:
+        os._exit(3)
+    return prepare_source(source, **kwargs)

@@ -212,3 +212,34 @@ async def test_a_good_job_succeeds_beside_bad_ones(worker):
     *bads, ok = await asyncio.gather(*bad, good)
     assert all("error" in b[0] for b in bads)
     assert ok[0]["usage"]["completion_tokens"] == 8
+
+
+async def test_image_processes_give_the_same_answer_as_threads(worker):
+    """The same greedy tokens, prompt size and image report whether the image was
+    prepared in a worker process or a thread: the pixels and content ids are the same."""
+    from vlm_worker.job import JobRunner
+    from vlm_worker.preprocess import ImageWorkers
+
+    info = worker.engine.info
+    images = ImageWorkers(processes=1, threads=None)
+    await asyncio.to_thread(images.start, info.geometry, info.image_processor)
+    runner = JobRunner(
+        worker.engine, worker.settings, executor=worker.runner.executor, images=images
+    )
+    job = image_job(
+        data_uri(screenshot(1280, 720, 7)),
+        max_tokens=24,
+        stream=False,
+        ignore_eos=True,
+        temperature=0.0,
+    )
+    try:
+        (in_process,) = [c async for c in runner.run({"id": "proc", "input": job})]
+    finally:
+        images.shutdown()
+    assert worker.runner.images.mode == "threads"  # the session worker on this machine
+    (in_thread,) = await collect(worker, job, "thread")
+    assert in_process["text"] == in_thread["text"]
+    assert in_process["usage"] == in_thread["usage"]
+    assert in_process["images"] == in_thread["images"]
+    assert in_process["images"][0]["resized_size"] == [1288, 728]

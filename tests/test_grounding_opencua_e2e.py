@@ -32,7 +32,7 @@ def opencua_worker() -> Iterator[Any]:
     try:
         yield w
     finally:
-        w.engine.shutdown()
+        w.shutdown()
 
 
 def test_the_template_really_marks_images_with_media_spans(opencua_worker):

@@ -108,7 +108,9 @@ def _post(url: str, body: dict, timeout: float = 120) -> dict:
 
 @pytest.fixture(scope="module")
 def api_server(tiny_model):
-    proc, base = start_api_server(worker_env())
+    # Images in a worker process (the default from 4 cores up), so the real entry point
+    # runs that path and the SIGTERM check below covers its processes too.
+    proc, base = start_api_server({**worker_env(), "PREPROCESS_PROCESSES": "1"})
     yield base
     import psutil
 
@@ -121,7 +123,7 @@ def api_server(tiny_model):
     _, alive = psutil.wait_procs(engine_procs, timeout=30)
     for p in alive:
         p.kill()
-    assert not alive, f"SIGTERM left engine processes running: {alive}"
+    assert not alive, f"SIGTERM left engine or image processes running: {alive}"
 
 
 def test_runsync_returns_real_streamed_output(api_server):

@@ -39,6 +39,9 @@ class EngineRequest:
     batch: BatchPolicy | None = None
     #: Per-request processor bounds (grounding jobs resize with their own; vLLM must agree).
     mm_processor_kwargs: dict[str, Any] | None = None
+    #: One id per image naming its pixels (``PreparedImage.content_id``): vLLM uses them
+    #: as the items' hashes instead of hashing the pixels on its event loop.
+    image_ids: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,11 @@ class VllmEngine:
         put = queue.put_nowait
         prompt: dict[str, Any] = {"prompt": request.prompt}
         if request.images:
-            prompt["multi_modal_data"] = {
-                "image": request.images if len(request.images) > 1 else request.images[0]
-            }
+            single = len(request.images) == 1
+            prompt["multi_modal_data"] = {"image": request.images[0] if single else request.images}
+            if request.image_ids:
+                ids = request.image_ids
+                prompt["multi_modal_uuids"] = {"image": ids[0] if single else ids}
         if request.mm_processor_kwargs:
             prompt["mm_processor_kwargs"] = request.mm_processor_kwargs
 

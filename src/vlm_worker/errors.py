@@ -43,6 +43,15 @@ class WorkerError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(type={self.type!r}, field={self.field!r}, message={self.message!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Image work can fail in a worker process; the error crosses back pickled, and
+        # Exception's default pickling would drop the keyword-only ``field``.
+        return (_rebuild, (type(self), self.message, self.field))
+
+
+def _rebuild(cls: type[WorkerError], message: str, field: str | None) -> WorkerError:
+    return cls(message, field=field)
+
 
 class InvalidInput(WorkerError):
     type = "invalid_input"

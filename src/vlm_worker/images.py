@@ -1,9 +1,9 @@
 """Image loading and resizing, exactly as the model's own processor would resize.
 
-Everything here is synchronous and CPU-bound on purpose: the job runner calls
-``prepare_image`` in a thread pool (Pillow and torch release the GIL for their heavy
-loops), so decoding a 4K screenshot does not stall other jobs' streams on the event loop.
-What does hold the GIL (base64, whole-image copies) is kept short or avoided.
+Everything here is synchronous, CPU-bound and free of shared state on purpose: the job
+runner calls ``prepare_source`` in a worker process (or, on small machines, a thread;
+see ``preprocess``), so decoding a 4K screenshot stalls neither the event loop nor, in
+process mode, vLLM's output processing, which shares this process's GIL.
 
 Why pre-resize at all: vLLM would resize too, but inside its input processing, which
 runs on the engine's event loop one request at a time. Resizing here with the
@@ -89,7 +89,24 @@ class PreparedImage:
     resized_size: tuple[int, int]
     format: str
     nbytes: int
-    digest: str  # short sha256 of the encoded bytes: a log-safe identity
+    sha256: str  # of the encoded bytes
+
+    @property
+    def digest(self) -> str:
+        """A short, log-safe identity of the image."""
+        return self.sha256[:16]
+
+    @property
+    def content_id(self) -> str:
+        """Names the pixels handed to vLLM: the bytes, and the size they were resized to.
+
+        Given to vLLM as the item's ``multi_modal_uuids`` entry, so it does not hash the
+        pixels itself (a copy and a hash of every image on its event loop); equal ids mean
+        equal pixels, which is what its processor and prefix caches need.
+        """
+        w, h = self.resized_size
+        resized = self.image.size == self.resized_size
+        return f"{self.sha256}-{w}x{h}" + ("" if resized else "-original")
 
     def __repr__(self) -> str:
         return (
@@ -294,5 +311,35 @@ def prepare_image(
         resized_size=(new_w, new_h),
         format=fmt,
         nbytes=len(data),
-        digest=hashlib.sha256(data).hexdigest()[:16],
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The per-image caps, from the settings (a picklable pair for worker processes)."""
+
+    max_bytes: int
+    max_source_pixels: int
+
+
+def prepare_source(
+    source: str | bytes,
+    *,
+    field: str,
+    geometry: ImageGeometry,
+    processor: Any,
+    limits: ImageLimits,
+) -> PreparedImage:
+    """An inline image (data URI or raw base64) or fetched bytes, decoded and resized.
+
+    The whole CPU-bound path in one call, so a job's image makes one trip to a worker.
+    """
+    data = source if isinstance(source, bytes) else decode_inline(source, field, limits.max_bytes)
+    return prepare_image(
+        data,
+        field=field,
+        geometry=geometry,
+        processor=processor,
+        max_source_pixels=limits.max_source_pixels,
     )

@@ -21,8 +21,9 @@ from . import grounding
 from .engine import Delta, Engine, EngineRequest
 from .errors import InvalidInput, JobTimeout, WorkerError, internal_error
 from .fetch import FetchLimits, ImageFetcher
-from .images import ImageGeometry, PreparedImage, decode_inline, is_url, prepare_image
+from .images import ImageGeometry, ImageLimits, PreparedImage, is_url
 from .inputs import Job, parse_job
+from .preprocess import ImageWorkers
 from .prompt import check_length, normalize_placeholders, render, template_messages
 from .settings import WorkerSettings
 from .stream import FINAL_ONLY, BatchPolicy
@@ -130,12 +131,15 @@ class JobRunner:
         settings: WorkerSettings,
         *,
         executor: Executor | None = None,
+        images: ImageWorkers | None = None,
         fetcher: ImageFetcher | None = None,
         on_fatal: Callable[[WorkerError], None] | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.executor = executor
+        self.images = images or ImageWorkers(processes=0, threads=executor)
+        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_source_pixels)
         self.fetcher = fetcher or ImageFetcher(FetchLimits.from_settings(settings))
         self.on_fatal = on_fatal
         self.policy = BatchPolicy(
@@ -202,44 +206,53 @@ class JobRunner:
         # told the same ones, so the size its prompt states is the size the model sees.
         bounds = self.grounding_bounds if job.task == "grounding" else None
         geometry = bounds.geometry if bounds else None
-        images = list(await asyncio.gather(*(self._image(f, s, geometry) for f, s in sources)))
         loop = asyncio.get_running_loop()
-        prompt, tokens = await loop.run_in_executor(self.executor, self._prompt, job, images)
+        image_work = [self._image(f, s, geometry) for f, s in sources]
+        if job.task == "grounding":  # its prompt states the resized size: images first
+            images = list(await asyncio.gather(*image_work))
+            text, text_tokens = await loop.run_in_executor(self.executor, self._render, job, images)
+        else:  # the template does not need the pixels: render while they are decoded
+            rendering = loop.run_in_executor(self.executor, self._render, job, [])
+            results = await asyncio.gather(*image_work, rendering, return_exceptions=True)
+            for result in results:  # an image's error first, as when they ran in turn
+                if isinstance(result, BaseException):
+                    raise result
+            *images, (text, text_tokens) = results
+        tokens = self._prompt_tokens(text_tokens, images)
         sampling, warnings = self._sampling(job, tokens)
         mm_kwargs = bounds.processor_kwargs() if bounds else None
-        return Prepared(job, prompt, images, tokens, sampling, warnings, mm_kwargs)
+        return Prepared(job, text, images, tokens, sampling, warnings, mm_kwargs)
 
     async def _image(
         self, field: str, source: str, geometry: ImageGeometry | None = None
     ) -> PreparedImage:
-        settings = self.settings
         info = self.engine.info
         fetched = await self.fetcher.fetch(source, field) if is_url(source) else None
+        return await self.images.prepare(
+            fetched if fetched is not None else source,
+            field=field,
+            geometry=geometry or info.geometry,
+            processor=info.image_processor,
+            limits=self.limits,
+        )
 
-        def work() -> PreparedImage:  # base64, decode and resize in one trip to the pool
-            data = fetched
-            if data is None:
-                data = decode_inline(source, field, settings.max_image_bytes)
-            return prepare_image(
-                data,
-                field=field,
-                geometry=geometry or info.geometry,
-                processor=info.image_processor,
-                max_source_pixels=settings.max_image_source_pixels,
-            )
-
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
-
-    def _prompt(self, job: Job, images: list[PreparedImage]) -> tuple[str, int]:
+    def _render(self, job: Job, images: list[PreparedImage]) -> tuple[str, int]:
+        """The prompt text and its token count with one token per image placeholder."""
         info = self.engine.info
         text = render(info.templater, self._messages(job, images), self._chat_template)
-        text = normalize_placeholders(text, len(images), info.placeholder, info.image_token)
+        n_images = len(job.image_sources())
+        text = normalize_placeholders(text, n_images, info.placeholder, info.image_token)
+        return text, info.count_text_tokens(text)
+
+    def _prompt_tokens(self, text_tokens: int, images: list[PreparedImage]) -> int:
+        """What vLLM will count: each placeholder expands to the resized image's tokens."""
+        info = self.engine.info
         image_tokens = sum(
             info.geometry.image_tokens(h, w) for (w, h) in (img.resized_size for img in images)
         )
-        tokens = info.count_text_tokens(text) - len(images) + image_tokens
+        tokens = text_tokens - len(images) + image_tokens
         check_length(tokens, info.max_model_len)
-        return text, tokens
+        return tokens
 
     @staticmethod
     def _messages(job: Job, images: list[PreparedImage]) -> list[dict[str, Any]]:
@@ -277,6 +290,7 @@ class JobRunner:
             request_id=job_id,
             prompt=prepared.prompt,
             images=[img.image for img in prepared.images],
+            image_ids=[img.content_id for img in prepared.images],
             sampling=prepared.sampling,
             mm_processor_kwargs=prepared.mm_processor_kwargs,
             batch=self.policy if prepared.job.stream else FINAL_ONLY,

@@ -95,10 +95,20 @@ class WorkerSettings:
     )
     preprocess_threads: int | None = _setting(
         None,
-        "Threads decoding and resizing images off the event loop. Unset: one per CPU core.",
+        "Threads rendering prompts (and decoding images when PREPROCESS_PROCESSES is 0) off "
+        "the event loop. Unset: one per CPU core.",
         category="Worker",
         minimum=1,
         maximum=256,
+    )
+    preprocess_processes: int | None = _setting(
+        None,
+        "Worker processes decoding and resizing images, so that work never holds the GIL "
+        "that vLLM's output processing needs. 0: threads of the worker process instead. "
+        "Unset: half the CPU cores (at most 8) on machines with 4 or more cores, else 0.",
+        category="Worker",
+        minimum=0,
+        maximum=64,
     )
     default_max_tokens: int = _setting(
         512, "max_tokens when a job does not set it.", category="Generation", minimum=1

@@ -32,6 +32,7 @@ from .job import JobRunner
 from .model_info import build_model_info, model_max_len
 from .model_source import ModelSource, resolve_model_source, served_settings, use_source
 from .openai_route import OpenAIRoute, is_openai_job
+from .preprocess import image_workers, torch_threads
 from .settings import TINY_MODEL_DIR, WorkerSettings, load_worker_settings
 
 log = logging.getLogger("vlm_worker.worker")
@@ -104,10 +105,15 @@ class Worker:
             while self.runner.in_flight > 0 and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(FATAL_GRACE_S)  # the SDK posts results after the handler returns
-            self.engine.shutdown()
+            self.shutdown()
             os._exit(EXIT_FAILURE)
 
         threading.Thread(target=exit_later, name="fatal-exit", daemon=True).start()
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine processes and the image workers."""
+        self.engine.shutdown()
+        self.runner.images.shutdown()
 
     def start_watchdog(self, interval: float = 2.0) -> None:
         """Notice an engine that dies between jobs, not only during one."""
@@ -122,17 +128,16 @@ class Worker:
         threading.Thread(target=watch, name="engine-watchdog", daemon=True).start()
 
 
-def preprocessing_pool(settings: WorkerSettings) -> ThreadPoolExecutor:
-    """Threads for image decode and resize, with torch's own threads kept few.
+def prompt_threads(settings: WorkerSettings) -> ThreadPoolExecutor:
+    """Threads for template rendering (and image work when there are no image processes).
 
-    In this (front-end) process torch only resizes and normalises images: the model runs
-    in vLLM's engine processes. With torch's default of one intra-op thread per core,
-    every concurrent job's resize would fan out over all cores at once and thrash; a
-    quarter of the cores per resize, several resizes in parallel, scales with the jobs.
+    This process's torch resizes and normalises images inside vLLM's input processing
+    (the model runs in vLLM's engine processes); it gets a quarter of the cores, for the
+    reason ``preprocess.torch_threads`` gives.
     """
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 4))
+    torch.set_num_threads(torch_threads())
     return ThreadPoolExecutor(
         max_workers=settings.preprocess_threads or max(2, os.cpu_count() or 2),
         thread_name_prefix="vlm-pre",
@@ -204,9 +209,18 @@ def start_worker(env: Mapping[str, str] | None = None, *, warmup: bool | None = 
         for k, v in spec.kwargs.items()
         if k in spec.explicit or k in ("model", "max_model_len", "limit_mm_per_prompt")
     }
+    threads = prompt_threads(settings)
+    images = image_workers(settings, threads)
+    images.spawn()  # worker processes import torch while the engine loads
     log.info("starting engine", extra={"engine_args": json.dumps(shown, default=str)})
     t0 = time.perf_counter()
-    engine = VllmEngine.start(spec.kwargs, lambda llm: build_model_info(llm, settings, spec.kwargs))
+    try:
+        engine = VllmEngine.start(
+            spec.kwargs, lambda llm: build_model_info(llm, settings, spec.kwargs)
+        )
+    except BaseException:
+        images.shutdown()
+        raise
     log.info(
         "engine ready",
         extra={
@@ -214,8 +228,10 @@ def start_worker(env: Mapping[str, str] | None = None, *, warmup: bool | None = 
             "max_model_len": engine.info.max_model_len,
         },
     )
-    executor = preprocessing_pool(settings)
-    worker = Worker(settings, engine, JobRunner(engine, settings, executor=executor))
+    pids = images.start(engine.info.geometry, engine.info.image_processor)
+    log.info("image workers ready", extra={"mode": images.mode, "pids": pids})
+    runner = JobRunner(engine, settings, executor=threads, images=images)
+    worker = Worker(settings, engine, runner)
     if settings.warmup if warmup is None else warmup:
         seconds = worker.warmup()
         log.info("warm-up done", extra={"seconds": round(seconds, 2)})
@@ -291,14 +307,14 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(EXIT_FAILURE)  # the engine core child may keep a normal exit waiting
     if job is not None:
         code = asyncio.run(run_local(worker, job))
-        worker.engine.shutdown()
+        worker.shutdown()
         sys.exit(code)
     worker.start_watchdog()
     stop_engine_on_sigterm(worker)
     try:
         runpod.serverless.start(worker.runpod_config())
     finally:
-        worker.engine.shutdown()
+        worker.shutdown()
 
 
 def stop_engine_on_sigterm(worker: Worker) -> None:
@@ -312,7 +328,7 @@ def stop_engine_on_sigterm(worker: Worker) -> None:
 
     def on_term(signum: int, frame: Any) -> None:
         log.info("SIGTERM: stopping the engine")
-        worker.engine.shutdown()
+        worker.shutdown()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)

@@ -1,0 +1,226 @@
+"""Where images are decoded and resized: worker processes, or threads on small machines.
+
+Why processes: the worker process has one GIL, shared by the RunPod handler, vLLM's
+output processing (detokenizing every running request at every engine step) and the
+image work. Much of that work holds the GIL even in C: base64 (~20 ms for a 4K PNG's
+payload), Pillow's PNG decode loop re-taking it for every chunk, the PIL-to-tensor copy.
+Sampled with ``py-spy --gil`` while 8 4K jobs were preprocessed beside a streaming job,
+those held the GIL in ~60 % of the samples, and the streaming job's chunks waited behind
+them. A child process does all of it and sends back only the resized RGB pixels (2.9 MB
+for a screenshot); this process pays one pickle each way.
+
+A child that dies (a decoder crash, the OOM killer) breaks a ``ProcessPoolExecutor`` for
+every job in it; the pool is replaced and each of those jobs retried alone in a new
+process, so one bad image costs its own job an error and the others a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from .errors import ImageDecodeError
+from .images import ImageGeometry, ImageLimits, PreparedImage, prepare_source
+
+log = logging.getLogger("vlm_worker.preprocess")
+
+#: What a worker runs for one image; tests swap in one that crashes on demand.
+PrepareFn = Callable[..., PreparedImage]
+
+
+def default_processes(cpu_count: int | None = None) -> int:
+    """Half the cores, at most 8, from 4 cores up; 0 (threads) below.
+
+    On 2 cores the engine (or the CUDA driver's threads) already takes the machine: extra
+    interpreters, each importing torch (~400 MB), would buy no parallelism.
+    """
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return 0 if cores < 4 else min(8, cores // 2)
+
+
+def torch_threads(cpu_count: int | None = None) -> int:
+    """Intra-op threads for one resize: a quarter of the cores.
+
+    With torch's default of one thread per core, every concurrent job's resize would fan
+    out over all cores at once and thrash; a quarter per resize keeps a single 4K image
+    fast and lets several resize side by side.
+    """
+    return max(1, (cpu_count if cpu_count is not None else (os.cpu_count() or 1)) // 4)
+
+
+def _init_child(threads: int) -> None:
+    """Runs once per worker process: the imports the image path needs (seconds)."""
+    import torch
+    import torchvision.transforms.v2.functional  # noqa: F401
+    import transformers.image_processing_backends
+    import transformers.image_transforms
+    import transformers.models.qwen2_vl.image_processing_qwen2_vl  # noqa: F401
+
+    torch.set_num_threads(threads)
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def _warm(geometry: ImageGeometry, processor: Any) -> int:
+    """Import and run the whole path once (torch alone takes seconds to import)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 60), (90, 140, 200)).save(buf, format="PNG")
+    prepare_source(
+        buf.getvalue(),
+        field="warmup",
+        geometry=geometry,
+        processor=processor,
+        limits=ImageLimits(1 << 20, 1 << 20),
+    )
+    return os.getpid()
+
+
+class ImageWorkers:
+    """Runs ``prepare_source`` off the event loop, in processes (``processes > 0``) or
+    in ``threads``; the job runner awaits ``prepare`` and never sees which."""
+
+    def __init__(
+        self,
+        *,
+        processes: int,
+        threads: Executor | None,
+        fn: PrepareFn = prepare_source,
+        torch_threads_per_process: int | None = None,
+    ) -> None:
+        self.processes = processes
+        self.threads = threads
+        self.fn = fn
+        self._torch_threads = torch_threads_per_process or torch_threads()
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = self._new_pool() if processes else None
+        self._spawned: list[Any] = []
+        self.restarts = 0
+
+    @property
+    def mode(self) -> str:
+        return f"{self.processes} processes" if self.processes else "threads"
+
+    def _new_pool(self, processes: int | None = None) -> ProcessPoolExecutor:
+        # spawn, never fork: the parent holds CUDA state and many threads.
+        return ProcessPoolExecutor(
+            max_workers=processes or self.processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_child,
+            initargs=(self._torch_threads,),
+        )
+
+    def spawn(self) -> None:
+        """Start every worker process now, without waiting: they import torch while the
+        engine loads. (The pool would otherwise start them one by one as work arrives.)"""
+        if self._pool is not None:
+            self._spawned = [self._pool.submit(_pid) for _ in range(self.processes)]
+
+    def start(self, geometry: ImageGeometry, processor: Any) -> list[int]:
+        """Wait for the worker processes and run an image through the pool, so a broken
+        set-up (an unpicklable processor, a missing import) fails the start, not a job.
+        Returns the workers' pids."""
+        if self._pool is None:
+            return []
+        if not self._spawned:
+            self.spawn()
+        for future in self._spawned:
+            future.result()
+        warm = [self._pool.submit(_warm, geometry, processor) for _ in range(self.processes)]
+        for future in warm:
+            future.result()
+        return self.pids()
+
+    async def prepare(
+        self,
+        source: str | bytes,
+        *,
+        field: str,
+        geometry: ImageGeometry,
+        processor: Any,
+        limits: ImageLimits,
+    ) -> PreparedImage:
+        loop = asyncio.get_running_loop()
+
+        def call(executor: Executor | None) -> asyncio.Future[PreparedImage]:
+            return loop.run_in_executor(
+                executor,
+                _call,
+                self.fn,
+                source,
+                field,
+                geometry,
+                processor,
+                limits,
+            )
+
+        if self._pool is None:
+            return await call(self.threads)
+        pool = self._pool
+        try:
+            return await call(pool)
+        except BrokenProcessPool:
+            self._replace(pool)
+        # Every job in a broken pool fails, not only the one whose image killed it; each
+        # is retried alone, so only the culprit kills its process again.
+        log.warning("image worker process died; retrying the image alone", extra={"field": field})
+        solo = self._new_pool(1)
+        try:
+            return await call(solo)
+        except BrokenProcessPool:
+            raise ImageDecodeError(
+                "the image could not be decoded: it crashed the image worker process",
+                field=field,
+            ) from None
+        finally:
+            solo.shutdown(wait=False, cancel_futures=True)
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """A new pool, once per breakage however many jobs noticed it."""
+        with self._lock:
+            if self._pool is broken:
+                self._pool = self._new_pool()
+                self.restarts += 1
+                broken.shutdown(wait=False, cancel_futures=True)
+
+    def pids(self) -> list[int]:
+        """The live worker processes (for tests and the memory benchmark)."""
+        pool = self._pool
+        if pool is None:
+            return []
+        return sorted(p.pid for p in list(getattr(pool, "_processes", {}).values()) if p.pid)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _call(
+    fn: PrepareFn,
+    source: str | bytes,
+    field: str,
+    geometry: ImageGeometry,
+    processor: Any,
+    limits: ImageLimits,
+) -> PreparedImage:
+    return fn(source, field=field, geometry=geometry, processor=processor, limits=limits)
+
+
+def image_workers(settings: Any, threads: ThreadPoolExecutor | None) -> ImageWorkers:
+    """The workers the settings ask for (``PREPROCESS_PROCESSES``, unset: by core count)."""
+    processes = settings.preprocess_processes
+    if processes is None:
+        processes = default_processes()
+    return ImageWorkers(processes=processes, threads=threads)

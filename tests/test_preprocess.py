@@ -1,0 +1,198 @@
+"""Image work in worker processes: same pixels as in-process, errors intact, crashes contained.
+
+The pool here is real (spawned processes running the real decode and resize with the tiny
+model's processor); only ``crash_on_marker`` stands in for a decoder that segfaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import psutil
+import pytest
+
+from conftest import data_uri, encode, screenshot
+from fakes import CRASH_MARKER, crash_on_marker
+from vlm_worker.errors import ImageDecodeError, InvalidInput, PromptTooLong, WorkerError
+from vlm_worker.images import ImageGeometry, ImageLimits, prepare_source
+from vlm_worker.preprocess import ImageWorkers, default_processes, image_workers, torch_threads
+from vlm_worker.settings import WorkerSettings
+
+GEOMETRY = ImageGeometry(max_pixels=1003520)
+LIMITS = ImageLimits(max_bytes=8 << 20, max_source_pixels=50_000_000)
+
+
+@pytest.fixture(scope="module")
+def pool(processor: Any) -> Any:
+    workers = ImageWorkers(processes=2, threads=None, fn=crash_on_marker)
+    workers.spawn()
+    workers.start(GEOMETRY, processor.image_processor)
+    yield workers
+    workers.shutdown()
+
+
+def prepare(workers: ImageWorkers, processor: Any, source: str | bytes, **kw: Any) -> Any:
+    return asyncio.run(
+        workers.prepare(
+            source,
+            field=kw.get("field", "messages[0].content[0]"),
+            geometry=kw.get("geometry", GEOMETRY),
+            processor=processor.image_processor,
+            limits=kw.get("limits", LIMITS),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("cores", "processes", "threads"),
+    [(1, 0, 1), (2, 0, 1), (3, 0, 1), (4, 2, 1), (8, 4, 2), (16, 8, 4), (64, 8, 16)],
+)
+def test_process_and_thread_counts_follow_the_cores(cores, processes, threads):
+    assert default_processes(cores) == processes
+    assert torch_threads(cores) == threads
+
+
+def test_settings_choose_the_mode():
+    threads = ThreadPoolExecutor(1)
+    assert image_workers(WorkerSettings(preprocess_processes=0), threads).mode == "threads"
+    two = image_workers(WorkerSettings(preprocess_processes=2), threads)
+    try:
+        assert two.mode == "2 processes"
+    finally:
+        two.shutdown()
+
+
+def test_start_runs_every_process(pool):
+    pids = pool.pids()
+    assert len(pids) == 2
+    assert all(psutil.Process(p).is_running() for p in pids)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        data_uri(screenshot(1280, 720, 1)),  # resized: 1288x728
+        base64.b64encode(encode(screenshot(640, 480, 2), "JPEG", quality=80)).decode(),
+        encode(screenshot(300, 200, 3), "PNG"),  # bytes, as a fetched URL arrives
+        data_uri(screenshot(28 * 20, 28 * 10, 4)),  # already the processor's size
+    ],
+    ids=["png-data-uri", "jpeg-raw-base64", "fetched-bytes", "fixed-point"],
+)
+def test_a_process_gives_the_same_image_as_this_process(pool, processor, source):
+    local = prepare_source(
+        source,
+        field="f",
+        geometry=GEOMETRY,
+        processor=processor.image_processor,
+        limits=LIMITS,
+    )
+    remote = prepare(pool, processor, source, field="f")
+    assert remote.image.mode == local.image.mode == "RGB"
+    assert remote.image.size == local.image.size == remote.resized_size
+    assert remote.image.tobytes() == local.image.tobytes()
+    assert (remote.original_size, remote.format, remote.nbytes, remote.sha256) == (
+        local.original_size,
+        local.format,
+        local.nbytes,
+        local.sha256,
+    )
+    assert remote.content_id == local.content_id
+
+
+@pytest.mark.parametrize(
+    ("source", "limits", "kind", "words"),
+    [
+        ("data:image/png;base64,@@@@", LIMITS, InvalidInput, "base64 is invalid"),
+        (
+            data_uri(screenshot(64, 64)),
+            ImageLimits(max_bytes=100, max_source_pixels=10**8),
+            InvalidInput,
+            "MAX_IMAGE_BYTES=100",
+        ),
+        (
+            base64.b64encode(b"GIF89a not really").decode(),
+            LIMITS,
+            ImageDecodeError,
+            "not a supported image",
+        ),
+        (
+            data_uri(screenshot(400, 300)),
+            ImageLimits(max_bytes=8 << 20, max_source_pixels=1000),
+            ImageDecodeError,
+            "MAX_IMAGE_SOURCE_PIXELS=1000",
+        ),
+    ],
+    ids=["bad-base64", "too-many-bytes", "not-an-image", "too-many-pixels"],
+)
+def test_errors_cross_the_process_boundary_intact(pool, processor, source, limits, kind, words):
+    with pytest.raises(kind, match=words) as info:
+        prepare(pool, processor, source, limits=limits, field="messages[1].content[0]")
+    assert info.value.field == "messages[1].content[0]"
+
+
+def test_worker_errors_pickle_with_type_field_and_message():
+    for err in (
+        InvalidInput("bad", field="messages"),
+        PromptTooLong("long", field=None),
+        WorkerError("x"),
+    ):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err)
+        assert back.to_dict() == err.to_dict()
+
+
+def test_a_crashing_image_fails_alone_and_the_pool_recovers(pool, processor):
+    good = [data_uri(screenshot(200 + 8 * i, 150, i)) for i in range(3)]
+
+    async def run() -> list[Any]:
+        jobs = [CRASH_MARKER, *good]
+        return await asyncio.gather(
+            *(
+                pool.prepare(
+                    s,
+                    field=f"job{i}",
+                    geometry=GEOMETRY,
+                    processor=processor.image_processor,
+                    limits=LIMITS,
+                )
+                for i, s in enumerate(jobs)
+            ),
+            return_exceptions=True,
+        )
+
+    before = pool.restarts
+    crashed, *fine = asyncio.run(run())
+    assert isinstance(crashed, ImageDecodeError)
+    assert crashed.field == "job0" and "crashed the image worker process" in crashed.message
+    assert [r.original_size for r in fine] == [(200, 150), (208, 150), (216, 150)]
+    assert pool.restarts == before + 1
+    # the replacement pool serves the next image
+    assert prepare(pool, processor, good[0]).original_size == (200, 150)
+
+
+def test_content_id_names_bytes_and_target_size(processor):
+    uri = data_uri(screenshot(1280, 720))
+    kw = {"field": "f", "processor": processor.image_processor, "limits": LIMITS}
+    a = prepare_source(uri, geometry=GEOMETRY, **kw)
+    b = prepare_source(uri, geometry=GEOMETRY, **kw)
+    small = prepare_source(uri, geometry=replace(GEOMETRY, max_pixels=200_000), **kw)
+    assert a.content_id == b.content_id == f"{a.sha256}-1288x728"
+    assert small.content_id != a.content_id
+    # an image the processor would not keep at the target size goes to vLLM unresized,
+    # and its id says so
+    strip = prepare_source(data_uri(screenshot(100, 19000)), geometry=GEOMETRY, **kw)
+    assert strip.resized_size == (56, 13804)
+    assert strip.image.size == (100, 19000) and strip.content_id.endswith("-original")
+
+
+def test_shutdown_stops_the_processes(processor):
+    workers = ImageWorkers(processes=1, threads=None)
+    workers.start(GEOMETRY, processor.image_processor)
+    (pid,) = workers.pids()
+    workers.shutdown()
+    assert not psutil.pid_exists(pid)
