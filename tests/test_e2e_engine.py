@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -221,7 +222,7 @@ async def test_image_processes_give_the_same_answer_as_threads(worker):
     from vlm_worker.preprocess import ImageWorkers
 
     info = worker.engine.info
-    images = ImageWorkers(processes=1, threads=None)
+    images = ImageWorkers(processes=1, threads=None, threads_when_alone=False)
     await asyncio.to_thread(images.start, info.geometry, info.image_processor)
     runner = JobRunner(
         worker.engine, worker.settings, executor=worker.runner.executor, images=images
@@ -243,3 +244,43 @@ async def test_image_processes_give_the_same_answer_as_threads(worker):
     assert in_process["usage"] == in_thread["usage"]
     assert in_process["images"] == in_thread["images"]
     assert in_process["images"][0]["resized_size"] == [1288, 728]
+
+
+async def test_vllm_uses_our_content_ids_instead_of_hashing_pixels(worker, monkeypatch):
+    """vLLM would copy and hash every image on its event loop; the worker hands it the
+    image's content id (via a token prompt: vLLM 0.26 drops a text prompt's ids)."""
+    from PIL import Image
+    from vllm.multimodal.hasher import MultiModalHasher
+
+    hashed: list[Any] = []
+    original = MultiModalHasher.serialize_item.__func__
+
+    def spy(cls: Any, obj: object) -> Any:
+        if isinstance(obj, Image.Image):
+            hashed.append(obj.size)
+        return original(cls, obj)
+
+    monkeypatch.setattr(MultiModalHasher, "serialize_item", classmethod(spy))
+    job = image_job(data_uri(screenshot(640, 400, 9)), max_tokens=4, stream=False)
+    (final,) = await collect(worker, job)
+    assert final["usage"]["completion_tokens"] == 4
+    assert hashed == []
+    # the spy does see images when no id is given (the bare engine's way)
+    prompt = worker.engine.info.templater.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    from vllm import SamplingParams
+
+    async def bare() -> None:
+        img = screenshot(300, 200, 10)
+        async for _ in worker.engine.llm.generate(
+            {"prompt": prompt, "multi_modal_data": {"image": img}},
+            SamplingParams(max_tokens=1),
+            "bare-hash-probe",
+        ):
+            pass
+
+    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(bare(), worker.engine.loop))
+    assert hashed == [(300, 200)]

@@ -171,3 +171,36 @@ async def test_engine_stream_that_ends_unfinished_still_ends_the_job():
         thread.join(5)
     assert deltas[-1].finished and deltas[-1].finish_reason == "abort"
     assert "".join(d.text for d in deltas) == "hi"
+
+
+async def test_request_carries_token_ids_and_content_ids(info):
+    """vLLM gets the prompt tokenized and each image's content id, so its event loop
+    neither tokenizes nor hashes pixels."""
+    runner = runner_for(info, [tok("hi", True, "stop")])
+    await run(runner, image_job(stream=False))
+    (req,) = runner.engine.requests
+    assert req.prompt_token_ids == info.text_token_ids(req.prompt)
+    assert req.prompt_token_ids.count(info.tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 1
+    (image_id,) = req.image_ids
+    assert image_id.endswith("-308x196") and len(image_id.split("-")[0]) == 64
+
+
+async def test_only_a_job_running_alone_has_its_image_prepared_in_a_thread(info):
+    """The image of a job with company goes to the worker processes (when there are any)."""
+    from vlm_worker.preprocess import ImageWorkers
+
+    seen: list[bool] = []
+
+    class Recording(ImageWorkers):
+        async def prepare(self, *args, alone: bool = False, **kwargs):
+            seen.append(alone)
+            await asyncio.sleep(0.05)  # the jobs overlap
+            return await super().prepare(*args, alone=alone, **kwargs)
+
+    runner = runner_for(info, [tok("x", True, "stop")])
+    runner.images = Recording(processes=0, threads=None)
+    await run(runner, image_job(stream=False))
+    assert seen == [True]
+    seen.clear()
+    await asyncio.gather(*(run(runner, image_job(stream=False)) for _ in range(3)))
+    assert seen == [False, False, False]

@@ -196,3 +196,43 @@ def test_shutdown_stops_the_processes(processor):
     (pid,) = workers.pids()
     workers.shutdown()
     assert not psutil.pid_exists(pid)
+
+
+class CountingThreads(ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.calls = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return super().submit(*args, **kwargs)
+
+
+def test_a_job_alone_is_prepared_in_a_thread_others_in_processes(processor):
+    threads = CountingThreads()
+    workers = ImageWorkers(processes=1, threads=threads)
+    workers.start(GEOMETRY, processor.image_processor)
+    uri = data_uri(screenshot(200, 120))
+
+    def run(alone: bool) -> Any:
+        return asyncio.run(
+            workers.prepare(
+                uri,
+                field="f",
+                geometry=GEOMETRY,
+                processor=processor.image_processor,
+                limits=LIMITS,
+                alone=alone,
+            )
+        )
+
+    try:
+        by_thread, by_process = run(True), run(False)
+        assert threads.calls == 1
+        assert by_thread.image.tobytes() == by_process.image.tobytes()
+        workers.threads_when_alone = False
+        run(True)
+        assert threads.calls == 1
+    finally:
+        workers.shutdown()
+        threads.shutdown()

@@ -2,7 +2,11 @@
 
 One engine, one process. Every comparison runs the same jobs (same encoded images, same
 prompt, same ``max_tokens`` with ``ignore_eos``) two ways, alternating, and reports the
-ratio handler / bare measured in that run:
+ratio handler / bare measured in that run. Every job of a round carries a different
+screenshot and vLLM's processor and prefix caches are emptied before each round, as in
+production, where each request brings a new screenshot: a repeated image would let the
+bare engine skip the very image processing being compared. Time to first token is the
+first visible text in both paths.
 
 1. throughput and latency at concurrency 1, 8 and 32 (``Worker.handler``: validation,
    image decode + resize, template, streaming with batching, result assembly; against
@@ -10,7 +14,7 @@ ratio handler / bare measured in that run:
 2. image preprocessing (decode / resize / template ms on one core) and end to end with
    the handler's pre-resize against handing the full-size image to vLLM's processor, plus
    the largest gap between a streaming job's chunks while 8 jobs with 4K PNGs are being
-   preprocessed;
+   preprocessed, and beside 8 whole such jobs through each path;
 3. cold start, split by stage (a fresh child process);
 4. peak RSS with 32 concurrent jobs carrying 4K images.
 
@@ -183,6 +187,16 @@ class Bench:
         )
         self._n = 0
 
+    def reset_caches(self) -> None:
+        """Empty vLLM's processor and prefix caches, so no round profits from an earlier
+        one (users send new screenshots; a cache hit would skip the work being measured)."""
+
+        async def reset() -> None:
+            await self.engine.llm.reset_mm_cache()
+            await self.engine.llm.reset_prefix_cache()
+
+        asyncio.run_coroutine_threadsafe(reset(), self.engine.loop).result()
+
     def _rid(self, prefix: str) -> str:
         self._n += 1
         return f"{prefix}-{self._n}"
@@ -226,10 +240,11 @@ class Bench:
         tokens = 0
         prompt = {"prompt": self.bare_prompt, "multi_modal_data": {"image": img}}
         async for out in self.engine.llm.generate(prompt, params, self._rid("b")):
-            n = len(out.outputs[0].token_ids)
-            if n and first is None:
+            tokens += len(out.outputs[0].token_ids)
+            # first visible text, as for the handler (a random model's first tokens can be
+            # pieces of a character that decode to nothing yet)
+            if first is None and out.outputs[0].text:
                 first = time.perf_counter()
-            tokens += n
         return JobTiming(start, first, time.perf_counter(), tokens)
 
     async def _gather(
@@ -253,6 +268,7 @@ class Bench:
                 lambda i: self.handler_job(uris[i % len(uris)], max_tokens), jobs, concurrency
             )
 
+        self.reset_caches()
         timings, wall = asyncio.run(go())
         return RoundStats.of("handler", concurrency, timings, wall)
 
@@ -264,6 +280,7 @@ class Bench:
                 lambda i: self.bare_job(uris[i % len(uris)], max_tokens), jobs, concurrency
             )
 
+        self.reset_caches()
         timings, wall = asyncio.run_coroutine_threadsafe(go(), self.engine.loop).result()
         return RoundStats.of("bare", concurrency, timings, wall)
 
@@ -311,14 +328,18 @@ def preprocessing(bench: Bench) -> list[dict]:
 
     info = bench.engine.info
     cases = [
-        ("3840x2160 PNG", screenshot_png(3840, 2160, 1), "image/png"),
-        ("1920x1080 PNG", screenshot_png(1920, 1080, 2), "image/png"),
-        ("4000x3000 JPEG", screenshot_png(4000, 3000, 3, "JPEG"), "image/jpeg"),
+        ("3840x2160 PNG", (3840, 2160, "PNG"), "image/png"),
+        ("1920x1080 PNG", (1920, 1080, "PNG"), "image/png"),
+        ("4000x3000 JPEG", (4000, 3000, "JPEG"), "image/jpeg"),
     ]
     rows = []
-    for name, data, mime in cases:
+    for name, (width, height, fmt), mime in cases:
+        # 8 different images: a burst of one image 8 times would hit vLLM's processor cache
+        variants = [screenshot_png(width, height, 100 + i, fmt) for i in range(8)]
+        data = variants[0]
+        uris = [data_uri(v, mime) for v in variants]
+        uri = uris[0]
         decode, resize, template = [], [], []
-        uri = data_uri(data, mime)
         small_job = job_input(uri, 1)
         for _ in range(3):
             t0 = time.perf_counter()
@@ -337,13 +358,15 @@ def preprocessing(bench: Bench) -> list[dict]:
             template.append((t3 - t2) * 1000)
         same = _same_pixels(info.image_processor, info.geometry, img, resized)
         e2e_h, e2e_b = [], []
-        for _ in range(3):
-            e2e_b.append(_run_bare(bench, bench.bare_job(uri, 1)))
-            e2e_h.append(_run(bench, bench.handler_job(uri, 1, stream=False)))
-        # 8 such jobs arriving together: the handler decodes and resizes them in its thread
-        # pool; the bare engine's processor resizes them one after another on its loop.
-        burst_h = bench.handler_round([uri], 1, 8, 8).wall_s * 1000
-        burst_b = bench.bare_round([uri], 1, 8, 8).wall_s * 1000
+        for i in range(3):
+            bench.reset_caches()
+            e2e_b.append(_run_bare(bench, bench.bare_job(uris[i], 1)))
+            bench.reset_caches()
+            e2e_h.append(_run(bench, bench.handler_job(uris[i], 1, stream=False)))
+        # 8 such jobs arriving together: the handler decodes and resizes them in parallel;
+        # the bare engine's processor resizes them one after another on its loop.
+        burst_h = bench.handler_round(uris, 1, 8, 8).wall_s * 1000
+        burst_b = bench.bare_round(uris, 1, 8, 8).wall_s * 1000
         row = {
             "image": name,
             "bytes": len(data),
@@ -410,10 +433,10 @@ def stream_gaps(bench: Bench, max_tokens: int, reps: int = 3) -> dict:
     Each figure is the median over ``reps`` runs of the run's largest gap.
     """
     small = data_uri(screenshot_png(640, 360, 5))
-    big = data_uri(screenshot_png(3840, 2160, 6))
+    bigs = [data_uri(screenshot_png(3840, 2160, 200 + i)) for i in range(8)]
     runner = bench.worker.runner
 
-    def load(kind: str) -> Any:
+    def load(kind: str, big: str) -> Any:
         if kind == "preprocessing":
             return runner.prepare(job_input(big, 1), bench._rid("p"))
         if kind == "handler_jobs":
@@ -437,7 +460,7 @@ def stream_gaps(bench: Bench, max_tokens: int, reps: int = 3) -> dict:
         tick = asyncio.create_task(ticker())
         streamer = asyncio.create_task(bench.handler_job(small, max_tokens))
         await asyncio.sleep(0.3)  # the streamer is generating
-        loads = [asyncio.ensure_future(load(kind)) for _ in range(8 if kind else 0)]
+        loads = [asyncio.ensure_future(load(kind, big)) for big in (bigs if kind else [])]
         timing = await streamer
         await asyncio.gather(*loads)
         stop.set()
@@ -454,6 +477,7 @@ def stream_gaps(bench: Bench, max_tokens: int, reps: int = 3) -> dict:
     try:
         for _ in range(reps):  # interleaved, so drift hits every load alike
             for kind in (None, "preprocessing", "handler_jobs", "bare_jobs"):
+                bench.reset_caches()
                 runs.setdefault(kind or "alone", []).append(asyncio.run(measure(kind)))
     finally:
         runner.policy = saved
@@ -722,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--label", default="cpu")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip-cold-start", action="store_true")
     parser.add_argument(
         "--only-throughput", action="store_true", help="section 1 only (quick before/after)"
@@ -767,7 +791,8 @@ def main(argv: list[str] | None = None) -> int:
         results["max_model_len"] = worker.engine.info.max_model_len
         results["image_workers"] = worker.runner.images.mode
         bench = Bench(worker)
-        images = [screenshot_png(1280, 720, seed) for seed in range(4)]
+        # a different screenshot for every job of a round, as users send
+        images = [screenshot_png(1280, 720, seed) for seed in range(2 * max(CONCURRENCY))]
         print(
             f"throughput, 1280x720 PNG, {args.max_tokens} tokens, images in "
             f"{results['image_workers']} ...",

@@ -42,6 +42,10 @@ class EngineRequest:
     #: One id per image naming its pixels (``PreparedImage.content_id``): vLLM uses them
     #: as the items' hashes instead of hashing the pixels on its event loop.
     image_ids: list[str] | None = None
+    #: ``prompt`` tokenized (placeholders unexpanded). vLLM then skips tokenizing on its
+    #: event loop, and only a token prompt carries ``multi_modal_uuids`` through vLLM
+    #: 0.26's input processing (a text prompt's are dropped, and every image hashed).
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,12 @@ class ModelInfo:
     #: None when unknown.
     max_image_tokens: int | None = None
 
+    def text_token_ids(self, text: str) -> list[int]:
+        """A rendered chat prompt's ids: the template wrote any special tokens itself."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
     def count_text_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        return len(self.text_token_ids(text))
 
 
 class Engine(Protocol):
@@ -168,6 +176,8 @@ class VllmEngine:
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         put = queue.put_nowait
         prompt: dict[str, Any] = {"prompt": request.prompt}
+        if request.prompt_token_ids is not None:
+            prompt["prompt_token_ids"] = request.prompt_token_ids
         if request.images:
             single = len(request.images) == 1
             prompt["multi_modal_data"] = {"image": request.images[0] if single else request.images}

@@ -96,6 +96,9 @@ class Prepared:
     sampling: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     mm_processor_kwargs: dict[str, Any] | None = None
+    #: The prompt text's token ids (one per image placeholder), tokenized in our thread
+    #: pool so that vLLM's event loop need not.
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -210,18 +213,18 @@ class JobRunner:
         image_work = [self._image(f, s, geometry) for f, s in sources]
         if job.task == "grounding":  # its prompt states the resized size: images first
             images = list(await asyncio.gather(*image_work))
-            text, text_tokens = await loop.run_in_executor(self.executor, self._render, job, images)
+            text, ids = await loop.run_in_executor(self.executor, self._render, job, images)
         else:  # the template does not need the pixels: render while they are decoded
             rendering = loop.run_in_executor(self.executor, self._render, job, [])
             results = await asyncio.gather(*image_work, rendering, return_exceptions=True)
             for result in results:  # an image's error first, as when they ran in turn
                 if isinstance(result, BaseException):
                     raise result
-            *images, (text, text_tokens) = results
-        tokens = self._prompt_tokens(text_tokens, images)
+            *images, (text, ids) = results
+        tokens = self._prompt_tokens(len(ids), images)
         sampling, warnings = self._sampling(job, tokens)
         mm_kwargs = bounds.processor_kwargs() if bounds else None
-        return Prepared(job, text, images, tokens, sampling, warnings, mm_kwargs)
+        return Prepared(job, text, images, tokens, sampling, warnings, mm_kwargs, ids)
 
     async def _image(
         self, field: str, source: str, geometry: ImageGeometry | None = None
@@ -234,15 +237,16 @@ class JobRunner:
             geometry=geometry or info.geometry,
             processor=info.image_processor,
             limits=self.limits,
+            alone=self.in_flight <= 1,
         )
 
-    def _render(self, job: Job, images: list[PreparedImage]) -> tuple[str, int]:
-        """The prompt text and its token count with one token per image placeholder."""
+    def _render(self, job: Job, images: list[PreparedImage]) -> tuple[str, list[int]]:
+        """The prompt text and its token ids, one per image placeholder."""
         info = self.engine.info
         text = render(info.templater, self._messages(job, images), self._chat_template)
         n_images = len(job.image_sources())
         text = normalize_placeholders(text, n_images, info.placeholder, info.image_token)
-        return text, info.count_text_tokens(text)
+        return text, info.text_token_ids(text)
 
     def _prompt_tokens(self, text_tokens: int, images: list[PreparedImage]) -> int:
         """What vLLM will count: each placeholder expands to the resized image's tokens."""
@@ -291,6 +295,7 @@ class JobRunner:
             prompt=prepared.prompt,
             images=[img.image for img in prepared.images],
             image_ids=[img.content_id for img in prepared.images],
+            prompt_token_ids=prepared.prompt_token_ids,
             sampling=prepared.sampling,
             mm_processor_kwargs=prepared.mm_processor_kwargs,
             batch=self.policy if prepared.job.stream else FINAL_ONLY,

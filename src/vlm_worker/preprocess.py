@@ -9,6 +9,12 @@ those held the GIL in ~60 % of the samples, and the streaming job's chunks waite
 them. A child process does all of it and sends back only the resized RGB pixels (2.9 MB
 for a screenshot); this process pays one pickle each way.
 
+A job alone on the worker is prepared in a thread all the same: with no other job's
+stream to protect, the round trip to a process (4-14 ms measured, for pickling 4-5 MB
+through pipes and four thread hand-offs) would only add to its time to first token. The
+price: a decoder crash on such a job takes the worker down (RunPod restarts it) instead
+of failing only that job.
+
 A child that dies (a decoder crash, the OOM killer) breaks a ``ProcessPoolExecutor`` for
 every job in it; the pool is replaced and each of those jobs retried alone in a new
 process, so one bad image costs its own job an error and the others a few seconds.
@@ -99,10 +105,12 @@ class ImageWorkers:
         threads: Executor | None,
         fn: PrepareFn = prepare_source,
         torch_threads_per_process: int | None = None,
+        threads_when_alone: bool = True,
     ) -> None:
         self.processes = processes
         self.threads = threads
         self.fn = fn
+        self.threads_when_alone = threads_when_alone
         self._torch_threads = torch_threads_per_process or torch_threads()
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = self._new_pool() if processes else None
@@ -151,7 +159,9 @@ class ImageWorkers:
         geometry: ImageGeometry,
         processor: Any,
         limits: ImageLimits,
+        alone: bool = False,
     ) -> PreparedImage:
+        """``alone``: no other job is running, so a thread is the faster place."""
         loop = asyncio.get_running_loop()
 
         def call(executor: Executor | None) -> asyncio.Future[PreparedImage]:
@@ -166,7 +176,7 @@ class ImageWorkers:
                 limits,
             )
 
-        if self._pool is None:
+        if self._pool is None or (alone and self.threads_when_alone):
             return await call(self.threads)
         pool = self._pool
         try:

@@ -105,7 +105,9 @@ class WorkerSettings:
         None,
         "Worker processes decoding and resizing images, so that work never holds the GIL "
         "that vLLM's output processing needs. 0: threads of the worker process instead. "
-        "Unset: half the CPU cores (at most 8) on machines with 4 or more cores, else 0.",
+        "Unset: half the CPU cores (at most 8) on machines with 4 or more cores, else 0. "
+        "A job alone on the worker is decoded in a thread either way (faster when there is "
+        "no other job to protect).",
         category="Worker",
         minimum=0,
         maximum=64,
