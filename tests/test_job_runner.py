@@ -204,3 +204,22 @@ async def test_only_a_job_running_alone_has_its_image_prepared_in_a_thread(info)
     seen.clear()
     await asyncio.gather(*(run(runner, image_job(stream=False)) for _ in range(3)))
     assert seen == [False, False, False]
+
+
+async def test_preparations_outside_jobs_count_as_company(info):
+    """``prepare`` called directly (the benchmark does) beside a running job is not alone."""
+    from vlm_worker.preprocess import ImageWorkers
+
+    seen: list[bool] = []
+
+    class Recording(ImageWorkers):
+        async def prepare(self, *args, alone: bool = False, **kwargs):
+            seen.append(alone)
+            await asyncio.sleep(0.05)
+            return await super().prepare(*args, alone=alone, **kwargs)
+
+    runner = runner_for(info, [tok("x", True, "stop")])
+    runner.images = Recording(processes=0, threads=None)
+    await asyncio.gather(*(runner.prepare(image_job(), f"p{i}") for i in range(2)))
+    assert seen == [False, False]
+    assert runner.preparing == 0

@@ -150,7 +150,8 @@ class JobRunner:
             settings.default_batch_size,
             settings.default_batch_size_growth_factor,
         )
-        self.in_flight = 0
+        self.in_flight = 0  # jobs in ``run``
+        self.preparing = 0  # calls in ``prepare`` (a job's first stage, or a direct call)
         self._chat_template = settings.chat_template_text()
         self.grounding_bounds = grounding.grounding_bounds(
             engine.info.geometry,
@@ -197,6 +198,13 @@ class JobRunner:
 
     # ----------------------------------------------------------------- stages
     async def prepare(self, raw: Any, job_id: str) -> Prepared:
+        self.preparing += 1
+        try:
+            return await self._prepare(raw, job_id)
+        finally:
+            self.preparing -= 1
+
+    async def _prepare(self, raw: Any, job_id: str) -> Prepared:
         job = parse_job(raw)
         sources = job.image_sources()
         limit = self.settings.max_images_per_job
@@ -237,7 +245,7 @@ class JobRunner:
             geometry=geometry or info.geometry,
             processor=info.image_processor,
             limits=self.limits,
-            alone=self.in_flight <= 1,
+            alone=self.in_flight <= 1 and self.preparing <= 1,
         )
 
     def _render(self, job: Job, images: list[PreparedImage]) -> tuple[str, list[int]]:
