@@ -57,3 +57,17 @@ async def test_final_only_sends_one_batch():
 
 async def test_no_policy_passes_every_delta():
     assert await sizes(deltas(5), None) == [1, 1, 1, 1, 1]
+
+
+async def test_tokens_without_text_wait_for_the_one_that_completes_them():
+    """A character split over several tokens decodes to "" until its last piece: those
+    tokens join the next batch instead of making an empty one (the first visible text
+    would otherwise wait for the grown second batch)."""
+
+    async def source():
+        for text in ["", "", "é", "a", "b", "c", "", "d"]:
+            yield Delta(text=text, tokens=1)
+        yield Delta(text="!", tokens=1, finished=True, finish_reason="stop")
+
+    out = [(d.text, d.tokens) async for d in batched(source(), BatchPolicy(1, 50, 3.0))]
+    assert out == [("é", 3), ("abc", 3), ("d!", 3)]

@@ -1,6 +1,6 @@
 """Grouping engine deltas into streamed chunks whose size grows as the stream goes on.
 
-The first chunk goes out as soon as ``min_size`` tokens exist (fast first token); each
+The first chunk goes out as soon as ``min_size`` tokens with text exist (fast first token); each
 later chunk may hold ``growth`` times more, up to ``max_size``, so a long answer costs a
 handful of queue posts instead of one per token.
 """
@@ -72,7 +72,14 @@ class Batcher:
         else:
             self._pending.merge(delta)
         pending = self._pending
-        if self._sizes is None or pending.finished or pending.tokens >= self._sizes.current:
+        # Tokens that are still pieces of a character carry no text: a batch of them would
+        # be dropped by the reader, and counting it would grow the next batch and delay
+        # the first visible text. They wait for the token that completes them.
+        if (
+            self._sizes is None
+            or pending.finished
+            or (pending.tokens >= self._sizes.current and pending.text)
+        ):
             self._pending = None
             if self._sizes is not None:
                 self._sizes.advance()
