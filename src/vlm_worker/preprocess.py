@@ -4,8 +4,8 @@ Why processes: the worker process has one GIL, shared by the RunPod handler, vLL
 output processing (detokenizing every running request at every engine step) and the
 image work. Much of that work holds the GIL even in C: base64 (~20 ms for a 4K PNG's
 payload), Pillow's PNG decode loop re-taking it for every chunk, the PIL-to-tensor copy.
-Sampled with ``py-spy --gil`` while 8 4K jobs were preprocessed beside a streaming job,
-those held the GIL in ~60 % of the samples, and the streaming job's chunks waited behind
+Sampled with ``py-spy --gil`` (2-core CPU machine) while 8 4K jobs were preprocessed
+beside a streaming job, those held the GIL in ~57 % of the samples, and the streaming job's chunks waited behind
 them. A child process does all of it and sends back only the resized RGB pixels (2.9 MB
 for a screenshot); this process pays one pickle each way.
 
