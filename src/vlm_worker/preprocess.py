@@ -77,12 +77,12 @@ def _pid() -> int:
 
 
 def _warm(geometry: ImageGeometry, processor: Any) -> int:
-    """Run the whole path once on a screenshot-sized image.
+    """Run the whole path on a screenshot-sized image, twice, in each process.
 
-    Imports alone are not enough: measured on the H100 machine, each process's first
-    real-size images (fresh allocator arenas, page faults on 25 MB buffers, torch's
-    first resize at that size) made the first busy round's time to first token 3x
-    slower. The pause makes each of the pool's processes take one of these tasks.
+    Imports alone leave a process's first real images to pay for fresh allocator arenas,
+    page faults on multi-MB buffers and torch's first resize at that size. (This did not
+    remove the slow first busy round the H100 benchmark shows; see README, Benchmarks.)
+    The pause makes each of the pool's processes take one of these tasks.
     """
     import io
     import time
