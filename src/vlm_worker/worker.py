@@ -228,7 +228,12 @@ def start_worker(env: Mapping[str, str] | None = None, *, warmup: bool | None = 
             "max_model_len": engine.info.max_model_len,
         },
     )
-    pids = images.start(engine.info.geometry, engine.info.image_processor)
+    try:
+        pids = images.start(engine.info.geometry, engine.info.image_processor)
+    except BaseException:
+        images.shutdown()
+        engine.shutdown()
+        raise
     log.info("image workers ready", extra={"mode": images.mode, "pids": pids})
     runner = JobRunner(engine, settings, executor=threads, images=images)
     worker = Worker(settings, engine, runner)
