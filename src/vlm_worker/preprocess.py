@@ -23,6 +23,7 @@ process, so one bad image costs its own job an error and the others a few second
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import os
@@ -178,17 +179,12 @@ class ImageWorkers:
         """``alone``: no other job is running, so a thread is the faster place."""
         loop = asyncio.get_running_loop()
 
+        work = functools.partial(
+            self.fn, source, field=field, geometry=geometry, processor=processor, limits=limits
+        )
+
         def call(executor: Executor | None) -> asyncio.Future[PreparedImage]:
-            return loop.run_in_executor(
-                executor,
-                _call,
-                self.fn,
-                source,
-                field,
-                geometry,
-                processor,
-                limits,
-            )
+            return loop.run_in_executor(executor, work)
 
         if self._pool is None or (alone and self.threads_when_alone):
             return await call(self.threads)
@@ -230,17 +226,6 @@ class ImageWorkers:
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _call(
-    fn: PrepareFn,
-    source: str | bytes,
-    field: str,
-    geometry: ImageGeometry,
-    processor: Any,
-    limits: ImageLimits,
-) -> PreparedImage:
-    return fn(source, field=field, geometry=geometry, processor=processor, limits=limits)
 
 
 def image_workers(settings: Any, threads: ThreadPoolExecutor | None) -> ImageWorkers:
