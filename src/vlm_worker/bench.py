@@ -144,6 +144,8 @@ class RoundStats:
     ttft_p50_ms: float
     ttft_p95_ms: float
     preprocess_p50_ms: float | None
+    #: where a handler round's preprocessing time went (``--trace-preprocess``)
+    trace: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, mode: str, concurrency: int, timings: list[JobTiming], wall: float) -> RoundStats:
@@ -166,6 +168,105 @@ class RoundStats:
         )
 
 
+# ------------------------------------------------------------------ preprocessing trace
+def _traced_prepare(log_path: str, source: str | bytes, **kwargs: Any) -> Any:
+    """``prepare_source``, appending when it ran to ``log_path``; runs where the worker
+    runs it (an image process or a thread), so the trace shows queueing and transfer
+    apart from the work itself. ``perf_counter`` is CLOCK_MONOTONIC: one clock for every
+    process of the machine."""
+    from .images import prepare_source
+
+    start = time.perf_counter()
+    image = prepare_source(source, **kwargs)
+    end = time.perf_counter()
+    with open(log_path, "a") as f:
+        f.write(json.dumps([image.sha256, os.getpid(), start, end]) + "\n")
+    return image
+
+
+class PreprocessTrace:
+    """Splits a handler round's preprocessing into: handing the image to its worker,
+    the work there, getting the pixels back, and rendering the prompt.
+
+    Found the slow first busy round on the H100 (see the README's Benchmarks section).
+    """
+
+    def __init__(self, runner: Any) -> None:
+        import functools
+        import tempfile
+
+        self.runner = runner
+        self.log = Path(tempfile.mkdtemp(prefix="vlm-bench-")) / "preprocess-trace.jsonl"
+        images = runner.images
+        self._saved = (images.fn, runner._render)
+        images.fn = functools.partial(_traced_prepare, str(self.log))
+        self.calls: list[tuple[float, float, str, bool]] = []  # start, end, sha256, alone
+        self.renders: list[float] = []
+        prepare, render = images.prepare, runner._render
+
+        async def traced(source: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            image = await prepare(source, **kwargs)
+            self.calls.append((start, time.perf_counter(), image.sha256, kwargs["alone"]))
+            return image
+
+        def traced_render(*args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return render(*args)
+            finally:
+                self.renders.append((time.perf_counter() - start) * 1000)
+
+        images.prepare = traced
+        runner._render = traced_render
+
+    def close(self) -> None:
+        """Back to the untraced path (the later sections measure it as users run it)."""
+        images = self.runner.images
+        images.fn, self.runner._render = self._saved
+        del images.prepare  # the instance attribute; the class's method shows again
+        self.reset()
+        self.log.parent.rmdir()
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.renders.clear()
+        self.log.unlink(missing_ok=True)
+
+    def summary(self) -> dict[str, Any]:
+        done = {}
+        if self.log.exists():
+            for line in self.log.read_text().splitlines():
+                sha, pid, start, end = json.loads(line)
+                done.setdefault(sha, []).append((pid, start, end))
+        to_worker, work, back, pids = [], [], [], set()
+        for start, end, sha, alone in self.calls:
+            # the run of this image that began after this call did (images repeat per round)
+            runs = [r for r in done.get(sha, []) if start <= r[1] <= end]
+            if not runs or alone:
+                continue
+            pid, w_start, w_end = runs[0]
+            pids.add(pid)
+            to_worker.append((w_start - start) * 1000)
+            work.append((w_end - w_start) * 1000)
+            back.append((end - w_end) * 1000)
+
+        def stats(xs: list[float]) -> dict[str, float] | None:
+            return {"p50": round(pct(xs, 50), 2), "max": round(max(xs), 2)} if xs else None
+
+        out = {
+            "images_traced": len(to_worker),
+            "images_alone": sum(1 for c in self.calls if c[3]),  # in a thread, not traced
+            "workers_used": len(pids),
+            "to_worker_ms": stats(to_worker),
+            "work_ms": stats(work),
+            "back_ms": stats(back),
+            "render_ms": stats(self.renders),
+        }
+        self.reset()
+        return out
+
+
 # ------------------------------------------------------------------ the two paths
 class Bench:
     def __init__(self, worker: Any) -> None:
@@ -186,6 +287,7 @@ class Bench:
             add_generation_prompt=True,
         )
         self._n = 0
+        self.trace: PreprocessTrace | None = None
 
     def reset_caches(self) -> None:
         """Empty vLLM's processor and prefix caches, so no round profits from an earlier
@@ -269,8 +371,13 @@ class Bench:
             )
 
         self.reset_caches()
+        if self.trace:
+            self.trace.reset()
         timings, wall = asyncio.run(go())
-        return RoundStats.of("handler", concurrency, timings, wall)
+        stats = RoundStats.of("handler", concurrency, timings, wall)
+        if self.trace:
+            stats.trace = self.trace.summary()
+        return stats
 
     def bare_round(
         self, uris: list[str], max_tokens: int, concurrency: int, jobs: int
@@ -286,17 +393,32 @@ class Bench:
 
 
 # ------------------------------------------------------------------ sections
-def throughput(bench: Bench, images: list[bytes], max_tokens: int, reps: int) -> list[dict]:
+def throughput(
+    bench: Bench, images: list[bytes], max_tokens: int, reps: int, warmup: int = 1
+) -> list[dict]:
+    """Rounds of each mode at each concurrency, alternating.
+
+    The first ``warmup`` rounds of each mode at a concurrency are reported apart and left
+    out of the comparison: a first burst at a new concurrency pays one-off costs (kept in
+    the results as ``warmup``, since a worker's first burst after start pays them too).
+    """
     uris = [data_uri(b) for b in images]
     rows = []
     for c in CONCURRENCY:
         jobs = max(4, 2 * c)
         runs: dict[str, list[RoundStats]] = {"handler": [], "bare": []}
-        for _ in range(reps):  # alternate, so drift hits both modes alike
-            runs["bare"].append(bench.bare_round(uris, max_tokens, c, jobs))
-            runs["handler"].append(bench.handler_round(uris, max_tokens, c, jobs))
+        warm: dict[str, list[RoundStats]] = {"handler": [], "bare": []}
+        for i in range(warmup + reps):  # alternate, so drift hits both modes alike
+            into = warm if i < warmup else runs
+            into["bare"].append(bench.bare_round(uris, max_tokens, c, jobs))
+            into["handler"].append(bench.handler_round(uris, max_tokens, c, jobs))
         best = {m: max(rs, key=lambda r: r.tokens_per_s) for m, rs in runs.items()}
         h, b = best["handler"], best["bare"]
+        median = {m: statistics.median(r.tokens_per_s for r in rs) for m, rs in runs.items()}
+        paired = [
+            hr.tokens_per_s / br.tokens_per_s
+            for hr, br in zip(runs["handler"], runs["bare"], strict=True)
+        ]
         row = {
             "concurrency": c,
             "jobs": jobs,
@@ -304,16 +426,35 @@ def throughput(bench: Bench, images: list[bytes], max_tokens: int, reps: int) ->
             "handler": asdict(h),
             "bare": asdict(b),
             "ratio_tokens_per_s": round(h.tokens_per_s / b.tokens_per_s, 4),
+            "ratio_tokens_per_s_of_medians": round(median["handler"] / median["bare"], 4),
+            # each handler round against the bare round just before it: drift cancels
+            "ratio_tokens_per_s_paired_median": round(statistics.median(paired), 4),
             "ratio_latency_p50": round(h.latency_p50_ms / b.latency_p50_ms, 4),
             "ratio_latency_p95": round(h.latency_p95_ms / b.latency_p95_ms, 4),
             "ratio_ttft_p50": round(h.ttft_p50_ms / b.ttft_p50_ms, 4),
             "added_ttft_p50_ms": round(h.ttft_p50_ms - b.ttft_p50_ms, 2),
+            "added_ttft_p50_ms_of_medians": round(
+                statistics.median(r.ttft_p50_ms for r in runs["handler"])
+                - statistics.median(r.ttft_p50_ms for r in runs["bare"]),
+                2,
+            ),
             "all_runs": {m: [asdict(r) for r in rs] for m, rs in runs.items()},
+            "warmup": {m: [asdict(r) for r in rs] for m, rs in warm.items()},
         }
         rows.append(row)
+        for m in ("bare", "handler"):
+            for r in warm[m]:
+                print(
+                    f"  c={c:>2} first round, {m}: {r.tokens_per_s:8.1f} tok/s  ttft p50 "
+                    f"{r.ttft_p50_ms:.1f} ms  preprocessing p50 {r.preprocess_p50_ms} ms"
+                    + (f"  {r.trace}" if r.trace else ""),
+                    flush=True,
+                )
         print(
             f"  c={c:>2}: handler {h.tokens_per_s:8.1f} tok/s  bare {b.tokens_per_s:8.1f} tok/s"
-            f"  ratio {row['ratio_tokens_per_s']:.3f}  ttft p50 {h.ttft_p50_ms:.1f} vs "
+            f"  ratio {row['ratio_tokens_per_s']:.3f} (of medians "
+            f"{row['ratio_tokens_per_s_of_medians']:.3f}, paired "
+            f"{row['ratio_tokens_per_s_paired_median']:.3f})  ttft p50 {h.ttft_p50_ms:.1f} vs "
             f"{b.ttft_p50_ms:.1f} ms (handler preprocessing p50 {h.preprocess_p50_ms} ms)",
             flush=True,
         )
@@ -747,6 +888,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="cpu")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="rounds per mode and concurrency left out"
+    )
+    parser.add_argument(
+        "--trace-preprocess",
+        action="store_true",
+        help="record where each handler round's preprocessing time went",
+    )
     parser.add_argument("--skip-cold-start", action="store_true")
     parser.add_argument(
         "--only-throughput", action="store_true", help="section 1 only (quick before/after)"
@@ -791,6 +940,8 @@ def main(argv: list[str] | None = None) -> int:
         results["max_model_len"] = worker.engine.info.max_model_len
         results["image_workers"] = worker.runner.images.mode
         bench = Bench(worker)
+        if args.trace_preprocess:
+            bench.trace = PreprocessTrace(worker.runner)
         # a different screenshot for every job of a round, as users send
         images = [screenshot_png(1280, 720, seed) for seed in range(2 * max(CONCURRENCY))]
         print(
@@ -798,7 +949,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{results['image_workers']} ...",
             flush=True,
         )
-        keep("throughput", throughput(bench, images, args.max_tokens, args.reps))
+        keep(
+            "throughput",
+            throughput(bench, images, args.max_tokens, args.reps, args.warmup),
+        )
+        if bench.trace:
+            bench.trace.close()
+            bench.trace = None
         if args.only_throughput:
             return 0
         print("image preprocessing ...", flush=True)
