@@ -284,3 +284,22 @@ async def test_vllm_uses_our_content_ids_instead_of_hashing_pixels(worker, monke
 
     await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(bare(), worker.engine.loop))
     assert hashed == [(300, 200)]
+
+
+def test_prompts_are_tokenized_without_vllms_tokenizer_pool(worker):
+    """The served tokenizer is vLLM's pooled one; the job path encodes beside it with the
+    same result (``model_info.text_encoder`` says why)."""
+    info = worker.engine.info
+    assert type(info.tokenizer).__name__.startswith("TokenizerPool")
+    assert info.encoder is not None
+    text = info.templater.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "Go \u2192 OK"}],
+            }
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert info.text_token_ids(text) == list(info.tokenizer.encode(text, add_special_tokens=False))

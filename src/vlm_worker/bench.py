@@ -30,6 +30,7 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import gc
 import io
 import json
 import os
@@ -219,18 +220,43 @@ class PreprocessTrace:
 
         images.prepare = traced
         runner._render = traced_render
+        # Garbage collections in this process, and how late a thread that sleeps 2 ms
+        # wakes: a long pause of either stalls every job at once.
+        self.collections: list[tuple[int, float]] = []  # generation, ms
+        self._gc_start = 0.0
+        gc.callbacks.append(self._on_gc)
+        self.stall_max_ms = 0.0
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="bench-stall-probe", daemon=True).start()
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            ms = (time.perf_counter() - self._gc_start) * 1000
+            self.collections.append((info["generation"], ms))
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            time.sleep(0.002)
+            self.stall_max_ms = max(self.stall_max_ms, (time.perf_counter() - start) * 1000 - 2)
 
     def close(self) -> None:
         """Back to the untraced path (the later sections measure it as users run it)."""
         images = self.runner.images
         images.fn, self.runner._render = self._saved
         del images.prepare  # the instance attribute; the class's method shows again
+        gc.callbacks.remove(self._on_gc)
+        self._stop.set()
         self.reset()
         self.log.parent.rmdir()
 
     def reset(self) -> None:
         self.calls.clear()
         self.renders.clear()
+        self.collections.clear()
+        self.stall_max_ms = 0.0
         self.log.unlink(missing_ok=True)
 
     def summary(self) -> dict[str, Any]:
@@ -262,6 +288,10 @@ class PreprocessTrace:
             "work_ms": stats(work),
             "back_ms": stats(back),
             "render_ms": stats(self.renders),
+            "gc_collections": [sum(1 for g, _ in self.collections if g == n) for n in range(3)],
+            "gc_full_ms": [round(ms, 1) for g, ms in self.collections if g == 2],
+            "gc_max_ms": round(max((ms for _, ms in self.collections), default=0.0), 1),
+            "thread_stall_max_ms": round(self.stall_max_ms, 1),
         }
         self.reset()
         return out

@@ -64,9 +64,14 @@ class ModelInfo:
     #: Most tokens one image may have: vLLM refuses larger ones (its encoder cache size).
     #: None when unknown.
     max_image_tokens: int | None = None
+    #: text -> ids without vLLM's tokenizer pool (``model_info.text_encoder``); None: the
+    #: tokenizer's own ``encode``.
+    encoder: Callable[[str], list[int]] | None = None
 
     def text_token_ids(self, text: str) -> list[int]:
         """A rendered chat prompt's ids: the template wrote any special tokens itself."""
+        if self.encoder is not None:
+            return self.encoder(text)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def count_text_tokens(self, text: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from .engine import ModelInfo
@@ -58,6 +59,56 @@ def model_max_len(model: str, revision: str | None, trust_remote_code: bool) -> 
     return int(value) if value else None
 
 
+def text_encoder(tokenizer: Any, probe: str) -> Callable[[str], list[int]] | None:
+    """Prompt text -> token ids through a Rust tokenizer of our own, or None if unusable.
+
+    Why not ``tokenizer.encode``: vLLM makes its tokenizer thread-safe with a pool that
+    deep-copies the whole tokenizer (vocabulary dicts included) whenever more threads
+    use it at once than it has copies. On the H100 host each copy held the GIL for
+    100-300 ms, so a worker's first burst of 8 jobs, and again its first of 32, stalled
+    every stream and every image hand-off for up to 1.5 s (``py-spy --gil``). A private
+    ``tokenizers.Tokenizer`` is never reconfigured (transformers sets truncation and
+    padding on its backend per call; we never call transformers on this one), so any
+    number of threads can encode with it, and it skips transformers' per-call Python.
+
+    ``probe`` (a rendered prompt, special tokens and all) must come out the same both
+    ways; a tokenizer whose transformers class adds its own processing falls back.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_truncation()
+    own.no_padding()
+
+    def encode(text: str) -> list[int]:
+        return own.encode(text, add_special_tokens=False).ids
+
+    expected = list(tokenizer.encode(probe, add_special_tokens=False))
+    if encode(probe) != expected:
+        log.warning(
+            "the tokenizer's backend encodes prompts differently from its transformers "
+            "class; prompts are tokenized through vLLM's tokenizer pool instead"
+        )
+        return None
+    return encode
+
+
+def _probe_prompt(templater: Any, placeholder: str) -> str:
+    """A rendered chat prompt with an image and non-ASCII text, for ``text_encoder``."""
+    text = "Click the \u201cSave\u201d button \u2014 \u4fdd\u5b58 \u2713 \U0001f642  (x=12, y=-3.5)"
+    try:
+        return templater.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    except Exception:  # a template that wants another message shape: the raw pieces
+        return f"{placeholder}\n{text}\n"
+
+
 def build_model_info(
     llm: Any, settings: WorkerSettings, engine_kwargs: dict[str, Any], processor: Any = None
 ) -> ModelInfo:
@@ -74,8 +125,12 @@ def build_model_info(
         llm.tokenizer if getattr(llm, "tokenizer", None) is not None else processor.tokenizer
     )
     chat_template = settings.chat_template_text()
+    # Templates render in our prompt threads: the processor's own tokenizer, not vLLM's
+    # pooled one (see ``text_encoder``), when the processor has no template of its own.
     templater = (
-        processor if getattr(processor, "chat_template", None) or chat_template else tokenizer
+        processor
+        if getattr(processor, "chat_template", None) or chat_template
+        else getattr(processor, "tokenizer", None) or tokenizer
     )
     placeholder = get_model_cls(model_config).get_placeholder_str("image", 0)
     image_token = getattr(processor, "image_token", None) or placeholder
@@ -92,6 +147,7 @@ def build_model_info(
         image_token=image_token,
         default_sampling=dict(model_config.get_diff_sampling_param() or {}),
         max_image_tokens=encoder_cache_tokens(llm),
+        encoder=text_encoder(tokenizer, _probe_prompt(templater, placeholder)),
     )
 
 
