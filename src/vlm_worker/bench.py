@@ -424,7 +424,12 @@ class Bench:
 
 # ------------------------------------------------------------------ sections
 def throughput(
-    bench: Bench, images: list[bytes], max_tokens: int, reps: int, warmup: int = 1
+    bench: Bench,
+    images: list[bytes],
+    max_tokens: int,
+    reps: int,
+    warmup: int = 1,
+    jobs_per_slot: int = 2,
 ) -> list[dict]:
     """Rounds of each mode at each concurrency, alternating.
 
@@ -435,7 +440,7 @@ def throughput(
     uris = [data_uri(b) for b in images]
     rows = []
     for c in CONCURRENCY:
-        jobs = max(4, 2 * c)
+        jobs = max(4, jobs_per_slot * c)
         runs: dict[str, list[RoundStats]] = {"handler": [], "bare": []}
         warm: dict[str, list[RoundStats]] = {"handler": [], "bare": []}
         for i in range(warmup + reps):  # alternate, so drift hits both modes alike
@@ -806,19 +811,37 @@ def device_name() -> str:
 
 
 def targets(results: dict) -> dict:
+    """The issue's targets, judged on the best round of each mode and on the medians.
+
+    Rounds of one mode spread by 5-15 % on a shared GPU host; a best-of ratio then
+    follows whichever mode had the luckiest round, so both are kept.
+    """
     rows = results["throughput"]
-    return {
+    out: dict[str, Any] = {
         "handler_tokens_per_s_ratio_min": min(r["ratio_tokens_per_s"] for r in rows),
         "handler_tokens_per_s_ratio_ge_0.98": all(r["ratio_tokens_per_s"] >= 0.98 for r in rows),
         "added_ttft_p50_ms_max": max(r["added_ttft_p50_ms"] for r in rows),
-        "stream_gap_ratio_le_1.2": results["stream_gaps"]["ratio"] <= 1.2,
-        "prefixed_resize_faster_for_4k_single": results["preprocessing"][0]["e2e_ratio"] < 1.0,
-        "prefixed_resize_faster_for_4k_burst_of_8": results["preprocessing"][0]["burst_ratio"]
-        < 1.0,
-        "resized_pixels_identical": all(
-            r["resized_pixels_identical_to_processor"] for r in results["preprocessing"]
-        ),
     }
+    if all("ratio_tokens_per_s_of_medians" in r for r in rows):
+        out |= {
+            "median_tokens_per_s_ratio_min": min(r["ratio_tokens_per_s_of_medians"] for r in rows),
+            "median_tokens_per_s_ratio_ge_0.98": all(
+                r["ratio_tokens_per_s_of_medians"] >= 0.98 for r in rows
+            ),
+            "median_added_ttft_p50_ms_max": max(r["added_ttft_p50_ms_of_medians"] for r in rows),
+        }
+    if "stream_gaps" in results:
+        out["stream_gap_ratio_le_1.2"] = results["stream_gaps"]["ratio"] <= 1.2
+    if "preprocessing" in results:
+        pre = results["preprocessing"]
+        out |= {
+            "prefixed_resize_faster_for_4k_single": pre[0]["e2e_ratio"] < 1.0,
+            "prefixed_resize_faster_for_4k_burst_of_8": pre[0]["burst_ratio"] < 1.0,
+            "resized_pixels_identical": all(
+                r["resized_pixels_identical_to_processor"] for r in pre
+            ),
+        }
+    return out
 
 
 def markdown(results: dict) -> str:
@@ -922,6 +945,12 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=int, default=1, help="rounds per mode and concurrency left out"
     )
     parser.add_argument(
+        "--jobs-per-slot",
+        type=int,
+        default=2,
+        help="jobs per round = this many times the concurrency (longer rounds, less noise)",
+    )
+    parser.add_argument(
         "--trace-preprocess",
         action="store_true",
         help="record where each handler round's preprocessing time went",
@@ -973,7 +1002,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.trace_preprocess:
             bench.trace = PreprocessTrace(worker.runner)
         # a different screenshot for every job of a round, as users send
-        images = [screenshot_png(1280, 720, seed) for seed in range(2 * max(CONCURRENCY))]
+        images = [
+            screenshot_png(1280, 720, seed) for seed in range(args.jobs_per_slot * max(CONCURRENCY))
+        ]
         print(
             f"throughput, 1280x720 PNG, {args.max_tokens} tokens, images in "
             f"{results['image_workers']} ...",
@@ -981,27 +1012,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         keep(
             "throughput",
-            throughput(bench, images, args.max_tokens, args.reps, args.warmup),
+            throughput(bench, images, args.max_tokens, args.reps, args.warmup, args.jobs_per_slot),
         )
         if bench.trace:
             bench.trace.close()
             bench.trace = None
-        if args.only_throughput:
-            return 0
-        print("image preprocessing ...", flush=True)
-        keep("preprocessing", preprocessing(bench))
-        keep("stream_gaps", stream_gaps(bench, 3 * args.max_tokens))
-        print("memory ...", flush=True)
-        keep("memory", memory(bench, args.max_tokens))
+        if not args.only_throughput:
+            print("image preprocessing ...", flush=True)
+            keep("preprocessing", preprocessing(bench))
+            keep("stream_gaps", stream_gaps(bench, 3 * args.max_tokens))
+            print("memory ...", flush=True)
+            keep("memory", memory(bench, args.max_tokens))
     finally:
         worker.shutdown()
     results["targets"] = targets(results)
     results["bench_seconds"] = round(time.perf_counter() - t_all, 1)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     partial.unlink(missing_ok=True)
-    plot(results, stem.with_suffix(".png"))
+    wrote = [stem.with_suffix(".json")]
+    if "preprocessing" in results:  # the plot's third panel; --only-throughput has none
+        plot(results, stem.with_suffix(".png"))
+        wrote.append(stem.with_suffix(".png"))
     print(json.dumps(results["targets"], indent=2))
-    print(f"wrote {stem}.json and {stem}.png in {results['bench_seconds']} s")
+    print(f"wrote {', '.join(map(str, wrote))} in {results['bench_seconds']} s")
     return 0
 
 
