@@ -223,7 +223,9 @@ class PreprocessTrace:
         # Garbage collections in this process, and how late a thread that sleeps 2 ms
         # wakes: a long pause of either stalls every job at once.
         self.collections: list[tuple[int, float]] = []  # generation, ms
+        self.slow: list[dict[str, Any]] = []  # collections of 50 ms or more, in detail
         self._gc_start = 0.0
+        self._gc_sizes: list[int] = []
         gc.callbacks.append(self._on_gc)
         self.stall_max_ms = 0.0
         self._stop = threading.Event()
@@ -231,10 +233,23 @@ class PreprocessTrace:
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
+            # young generations only: counting the old one would itself take a while
+            young = info["generation"] < 2
+            self._gc_sizes = [len(gc.get_objects(g)) for g in range(2)] if young else []
             self._gc_start = time.perf_counter()
         else:
             ms = (time.perf_counter() - self._gc_start) * 1000
             self.collections.append((info["generation"], ms))
+            if ms >= 50:
+                self.slow.append(
+                    {
+                        "generation": info["generation"],
+                        "ms": round(ms, 1),
+                        "young_generation_sizes": self._gc_sizes,
+                        "collected": info.get("collected"),
+                        "uncollectable": info.get("uncollectable"),
+                    }
+                )
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -256,6 +271,7 @@ class PreprocessTrace:
         self.calls.clear()
         self.renders.clear()
         self.collections.clear()
+        self.slow = []
         self.stall_max_ms = 0.0
         self.log.unlink(missing_ok=True)
 
@@ -291,6 +307,7 @@ class PreprocessTrace:
             "gc_collections": [sum(1 for g, _ in self.collections if g == n) for n in range(3)],
             "gc_full_ms": [round(ms, 1) for g, ms in self.collections if g == 2],
             "gc_max_ms": round(max((ms for _, ms in self.collections), default=0.0), 1),
+            "gc_slow": self.slow,
             "thread_stall_max_ms": round(self.stall_max_ms, 1),
         }
         self.reset()
@@ -945,6 +962,11 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=int, default=1, help="rounds per mode and concurrency left out"
     )
     parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.collect() and gc.freeze() after start-up, as `vllm serve` does",
+    )
+    parser.add_argument(
         "--jobs-per-slot",
         type=int,
         default=2,
@@ -998,6 +1020,10 @@ def main(argv: list[str] | None = None) -> int:
         results["model"] = worker.engine.info.name
         results["max_model_len"] = worker.engine.info.max_model_len
         results["image_workers"] = worker.runner.images.mode
+        if args.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        results["gc_frozen_objects"] = gc.get_freeze_count()
         bench = Bench(worker)
         if args.trace_preprocess:
             bench.trace = PreprocessTrace(worker.runner)
