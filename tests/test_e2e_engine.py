@@ -303,3 +303,10 @@ def test_prompts_are_tokenized_without_vllms_tokenizer_pool(worker):
         add_generation_prompt=True,
     )
     assert info.text_token_ids(text) == list(info.tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_start_up_heap_is_frozen(worker):
+    """``worker.freeze_startup_heap``: start-up's objects are out of the collector's way."""
+    import gc
+
+    assert gc.get_freeze_count() > 100_000

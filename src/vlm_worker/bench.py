@@ -962,9 +962,9 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=int, default=1, help="rounds per mode and concurrency left out"
     )
     parser.add_argument(
-        "--gc-freeze",
+        "--no-gc-freeze",
         action="store_true",
-        help="gc.collect() and gc.freeze() after start-up, as `vllm serve` does",
+        help="undo the worker's start-up gc.freeze() (to see what it buys)",
     )
     parser.add_argument(
         "--jobs-per-slot",
@@ -1020,9 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
         results["model"] = worker.engine.info.name
         results["max_model_len"] = worker.engine.info.max_model_len
         results["image_workers"] = worker.runner.images.mode
-        if args.gc_freeze:
-            gc.collect()
-            gc.freeze()
+        if args.no_gc_freeze:
+            gc.unfreeze()
         results["gc_frozen_objects"] = gc.get_freeze_count()
         bench = Bench(worker)
         if args.trace_preprocess:
