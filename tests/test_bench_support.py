@@ -29,14 +29,65 @@ def test_shaped_model_has_real_dimensions_and_token_ids(tmp_path):
 def test_committed_results_render_and_hold_the_measurements():
     files = sorted(f for f in RESULTS.glob("*.json") if not f.name.endswith(".partial.json"))
     assert {f.stem.split("-")[-1] for f in files} >= {"cpu", "gpu"}
+    full = 0
     for f in files:
         results = json.loads(f.read_text())
         assert [r["concurrency"] for r in results["throughput"]] == [1, 8, 32]
-        assert all(p["resized_pixels_identical_to_processor"] for p in results["preprocessing"])
         table = markdown(results)
         assert "| 32 |" in table and results["device"] in table
+        if "preprocessing" not in results:  # an --only-throughput run: no plot
+            continue
+        full += 1
+        assert all(p["resized_pixels_identical_to_processor"] for p in results["preprocessing"])
+        assert "| 3840x2160 PNG" in table
         assert f.with_suffix(".png").exists()
+    assert full >= 2
 
 
 def test_screenshot_like_png_is_realistically_large():
     assert len(screenshot_png(3840, 2160, 1)) > 3_000_000
+
+
+def test_preprocess_trace_splits_a_rounds_time(processor, tmp_path):
+    """--trace-preprocess: the image work is timed where it runs, and undone on close."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlm_worker.bench import PreprocessTrace, data_uri
+    from vlm_worker.images import ImageGeometry, ImageLimits
+    from vlm_worker.preprocess import ImageWorkers
+
+    class Runner:
+        images = ImageWorkers(processes=0, threads=ThreadPoolExecutor(2))
+
+        def _render(self, job, images):
+            return "text", [1, 2]
+
+    runner = Runner()
+    original_fn = runner.images.fn
+    trace = PreprocessTrace(runner)
+    uri = data_uri(screenshot_png(640, 360, 3))
+
+    async def job(alone: bool) -> None:
+        await runner.images.prepare(
+            uri,
+            field="messages[0].content[0]",
+            geometry=ImageGeometry(),
+            processor=processor.image_processor,
+            limits=ImageLimits(1 << 24, 1 << 26),
+            alone=alone,
+        )
+        runner._render(None, [])
+
+    async def round_() -> None:
+        await asyncio.gather(job(True), job(False), job(False))
+
+    asyncio.run(round_())
+    summary = trace.summary()
+    assert summary["images_traced"] == 2 and summary["images_alone"] == 1
+    assert summary["workers_used"] == 1  # threads: this process
+    assert 0 < summary["work_ms"]["p50"] < 5000 and summary["to_worker_ms"]["p50"] >= 0
+    assert summary["render_ms"]["max"] >= 0 and len(summary["gc_collections"]) == 3
+    assert trace.summary()["images_traced"] == 0  # each summary starts the next round
+    trace.close()
+    assert runner.images.fn is original_fn and "prepare" not in vars(runner.images)

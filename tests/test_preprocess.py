@@ -73,6 +73,14 @@ def test_start_runs_every_process(pool):
     assert all(psutil.Process(p).is_running() for p in pids)
 
 
+def test_image_processes_yield_the_cpu_to_streams_and_the_engine(pool):
+    """Lower priority (``NICENESS``) than the worker process that streams the tokens."""
+    from vlm_worker.preprocess import NICENESS
+
+    mine = psutil.Process().nice()
+    assert [psutil.Process(p).nice() for p in pool.pids()] == [min(19, mine + NICENESS)] * 2
+
+
 @pytest.mark.parametrize(
     "source",
     [

@@ -189,7 +189,7 @@ class PreprocessTrace:
     """Splits a handler round's preprocessing into: handing the image to its worker,
     the work there, getting the pixels back, and rendering the prompt.
 
-    Found the slow first busy round on the H100 (see the README's Benchmarks section).
+    It found the slow first busy round on the H100 (README, Benchmarks).
     """
 
     def __init__(self, runner: Any) -> None:
@@ -866,17 +866,22 @@ def markdown(results: dict) -> str:
     lines = [
         f"**{results['device']}**, {results['model']}, vLLM {results['vllm']}, {results['date']}",
         "",
-        "| concurrency | handler tok/s | bare tok/s | ratio | TTFT p50 handler / bare (ms) "
+        "| concurrency | handler tok/s | bare tok/s | ratio | ratio of medians "
+        "| TTFT p50 handler / bare (ms) "
         "| latency p95 handler / bare (ms) | handler preprocessing p50 (ms) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["throughput"]:
         h, b = r["handler"], r["bare"]
+        medians = r.get("ratio_tokens_per_s_of_medians")
         lines.append(
             f"| {r['concurrency']} | {h['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | "
-            f"{r['ratio_tokens_per_s']:.3f} | {h['ttft_p50_ms']:.1f} / {b['ttft_p50_ms']:.1f} | "
+            f"{r['ratio_tokens_per_s']:.3f} | {'' if medians is None else f'{medians:.3f}'} | "
+            f"{h['ttft_p50_ms']:.1f} / {b['ttft_p50_ms']:.1f} | "
             f"{h['latency_p95_ms']:.0f} / {b['latency_p95_ms']:.0f} | {h['preprocess_p50_ms']} |"
         )
+    if "preprocessing" not in results:  # an --only-throughput run
+        return "\n".join(lines)
     lines += [
         "",
         "| image | decode ms | resize ms | template ms | end to end: pre-resize / full size "

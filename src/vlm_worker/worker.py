@@ -154,9 +154,9 @@ def freeze_startup_heap() -> int:
     worker's first busy seconds: on the H100 host, three benchmark runs each showed one
     collection of 255-297 ms in the first rounds of 8 concurrent jobs, stalling every
     stream, image hand-off and prompt thread at once (a young-generation pass over
-    ~3.5 k objects: the time went to what it freed, not to the walk). With this
-    collect-and-freeze, the run that tried it had none. It costs one full collection
-    (~0.25 s on the 2-core CPU machine) before the worker takes jobs.
+    ~3.5 k objects: the time went to what it freed, not to the walk). The two runs with
+    this collect-and-freeze had none over 10 ms. It costs one full collection (~0.25 s
+    on the 2-core CPU machine) before the worker takes jobs.
     """
     gc.collect()
     gc.freeze()
