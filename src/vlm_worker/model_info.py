@@ -65,7 +65,7 @@ def text_encoder(tokenizer: Any, probe: str) -> Callable[[str], list[int]] | Non
     Why not ``tokenizer.encode``: vLLM makes its tokenizer thread-safe with a pool that
     deep-copies the whole tokenizer (vocabulary dicts included) whenever more threads
     use it at once than it has copies. On the H100 host each copy held the GIL for
-    100-300 ms, so a worker's first burst of 8 jobs, and again its first of 32, stalled
+    ~0.1 s, so a worker's first burst of 8 jobs, and again its first of 32, stalled
     every stream and every image hand-off for up to 1.5 s (``py-spy --gil``). A private
     ``tokenizers.Tokenizer`` is never reconfigured (transformers sets truncation and
     padding on its backend per call; we never call transformers on this one), so any
