@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
+
+import pytest
 
 from vlm_worker.bench import markdown, screenshot_png
 from vlm_worker.shaped_model import build_shaped_model
@@ -42,6 +45,45 @@ def test_committed_results_render_and_hold_the_measurements():
         assert "| 3840x2160 PNG" in table
         assert f.with_suffix(".png").exists()
     assert full >= 2
+
+
+def test_committed_paired_ratios_follow_from_the_runs_they_pair():
+    """The paired and pace-free ratios are recomputable from each file's own runs, and
+    the targets say what those numbers say."""
+    checked = 0
+    for f in RESULTS.glob("*.json"):
+        results = json.loads(f.read_text())
+        gaps = results.get("stream_gaps", {})
+        if "ratio_paired_median" not in gaps:  # files from before these were measured
+            continue
+        checked += 1
+        runs = gaps["all_runs_ms"]
+        assert len(runs["alone"]) == len(runs["preprocessing"]) == gaps["reps"]
+        paired = statistics.median(
+            p / a for a, p in zip(runs["alone"], runs["preprocessing"], strict=True)
+        )
+        assert gaps["ratio_paired_median"] == pytest.approx(paired, abs=0.005)
+        assert gaps["ratio"] == pytest.approx(
+            statistics.median(runs["preprocessing"]) / statistics.median(runs["alone"]), abs=0.005
+        )
+        assert results["targets"]["stream_gap_paired_ratio_le_1.2"] == (
+            gaps["ratio_paired_median"] <= 1.2
+        )
+        for row in results["preprocessing"]:
+            handler, bare = zip(*row["e2e_pairs_ms"], strict=True)
+            assert row["e2e_prefixed_resize_ms"] == pytest.approx(
+                statistics.median(handler), abs=0.1
+            )
+            assert row["e2e_full_size_to_vllm_ms"] == pytest.approx(
+                statistics.median(bare), abs=0.1
+            )
+            ratio = statistics.median(h / b for h, b in row["e2e_pairs_ms"])
+            assert row["e2e_ratio_paired_median"] == pytest.approx(ratio, abs=0.005)
+        four_k = results["preprocessing"][0]
+        assert results["targets"]["prefixed_resize_faster_for_4k_single_paired"] == (
+            four_k["e2e_ratio_paired_median"] < 1.0
+        )
+    assert checked >= 3  # the CPU run and the two H100 runs
 
 
 def test_screenshot_like_png_is_realistically_large():
