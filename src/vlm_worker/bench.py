@@ -634,11 +634,11 @@ def stream_gaps(bench: Bench, max_tokens: int, reps: int = 4) -> dict:
       bare engine. Both add vLLM's own input processing (on its event loop) and the
       prefill of 8 images of ~1200 tokens each, which stall every running request in either case; the
       ratio of the two tells whether the handler stalls streams more than vLLM does.
-    Each figure is the median over ``reps`` runs of the run's largest gap. A whole stream
-    sometimes runs at half pace on a shared GPU host (largest gaps of 20-30 ms with no
-    load at all, against 7 ms in other runs), so the runs are interleaved and also
-    compared in pairs (each load against the unloaded run just before it) and against
-    their own stream's median gap, which that pace cancels out of.
+    Each figure is the median over ``reps`` runs of the run's largest gap. Some GPU hosts
+    stall a stream for 15-26 ms with no load at all (7-8 ms on others, at the same 6 ms
+    median gap), so the runs are interleaved and also compared in pairs (each load
+    against the unloaded run just before it) and against their own stream's median gap
+    (which cancels a machine's slower pace, though not its sporadic stalls).
     """
     small = data_uri(screenshot_png(640, 360, 5))
     bigs = [data_uri(screenshot_png(3840, 2160, 200 + i)) for i in range(8)]
