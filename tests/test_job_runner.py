@@ -134,6 +134,30 @@ async def test_image_work_runs_off_the_event_loop(info):
     assert max(gaps) < 0.1, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
 
 
+async def test_jobs_are_validated_off_the_event_loop(info, monkeypatch):
+    """Validation walks the whole payload (7 MB for a 4K image): eight jobs validated on
+    the loop would hold every stream's next chunk behind all eight."""
+    import threading
+
+    from vlm_worker import job as job_module
+
+    threads: list[threading.Thread] = []
+    real = job_module.parse_job
+
+    def recording(raw):
+        threads.append(threading.current_thread())
+        return real(raw)
+
+    monkeypatch.setattr(job_module, "parse_job", recording)
+    runner = runner_for(info, [tok("x", True, "stop")])
+    chunks = await run(runner, image_job(stream=False))
+    assert chunks[-1]["text"] == "x"
+    assert threads and threading.current_thread() not in threads
+    # a bad job still fails with its own error, from the thread
+    bad = await run(runner_for(info, []), {"messages": "nope"})
+    assert bad[-1]["error"]["type"] == "invalid_input" and "messages" in bad[-1]["error"]["field"]
+
+
 async def test_engine_stream_that_ends_unfinished_still_ends_the_job():
     """If vLLM's stream stops without a finished output, the reader is not left waiting."""
     import threading

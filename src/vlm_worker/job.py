@@ -205,7 +205,11 @@ class JobRunner:
             self.preparing -= 1
 
     async def _prepare(self, raw: Any, job_id: str) -> Prepared:
-        job = parse_job(raw)
+        loop = asyncio.get_running_loop()
+        # Validating a job walks all of it, a 4K image's 7 MB of base64 included: jobs that
+        # arrive together would each hold the loop, and every stream's next chunk behind it,
+        # for as long; in a thread, the loop runs between them.
+        job = await loop.run_in_executor(self.executor, parse_job, raw)
         sources = job.image_sources()
         limit = self.settings.max_images_per_job
         if len(sources) > limit:
@@ -217,7 +221,6 @@ class JobRunner:
         # told the same ones, so the size its prompt states is the size the model sees.
         bounds = self.grounding_bounds if job.task == "grounding" else None
         geometry = bounds.geometry if bounds else None
-        loop = asyncio.get_running_loop()
         image_work = [self._image(f, s, geometry) for f, s in sources]
         if job.task == "grounding":  # its prompt states the resized size: images first
             images = list(await asyncio.gather(*image_work))
