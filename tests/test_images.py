@@ -666,3 +666,151 @@ def test_prepared_image_repr_is_log_safe(image_processor, geometry):
         "format": "PNG",
         "bytes": len(data),
     }
+
+
+# ---------------------------------------------------------------- the libpng fast path
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+_PNG_RGB = 2  # IHDR colour type
+
+
+def raw_png(rows: np.ndarray, color_type: int, bit_depth: int = 8, before_idat=()) -> bytes:
+    """A PNG written by hand (filter 0 on every row), for what Pillow cannot save."""
+    height, width = rows.shape[:2]
+    data = rows.astype(">u2").tobytes() if bit_depth == 16 else rows.astype(np.uint8).tobytes()
+    stride = len(data) // height
+    scan = b"".join(b"\x00" + data[y * stride : (y + 1) * stride] for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + b"".join(png_chunk(k, v) for k, v in before_idat)
+        + png_chunk(b"IDAT", zlib.compress(scan))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def pillow_rgb(data: bytes) -> np.ndarray:
+    """What vLLM's own loader makes of the file: Pillow, then the processor's RGB rule."""
+    from transformers.image_transforms import convert_to_rgb
+
+    return np.asarray(convert_to_rgb(Image.open(io.BytesIO(data))))
+
+
+def fast_pixels(data: bytes):
+    from vlm_worker.images import png_pixels, read_header
+
+    return png_pixels(read_header(data, FIELD, MAX_SOURCE), data)
+
+
+FAST_PNGS = {
+    "RGB": lambda: encode(textured(333, 211, seed=8)),
+    "RGB-level9": lambda: encode(textured(640, 360, seed=9), "PNG", compress_level=9),
+    "RGBA": lambda: encode(Image.fromarray(noise(300, 170, 4, seed=3)), "PNG"),
+    "RGB-gAMA-sRGB-iCCP": lambda: raw_png(
+        noise(120, 90, 3, seed=4),
+        _PNG_RGB,
+        before_idat=[
+            (b"gAMA", struct.pack(">I", 45455)),
+            (b"sRGB", b"\x00"),
+            (b"iCCP", b"p\x00\x00" + zlib.compress(b"not really a profile")),
+        ],
+    ),
+    "RGB-hand-written": lambda: raw_png(noise(64, 48, 3, seed=5), _PNG_RGB),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAST_PNGS))
+def test_plain_pngs_are_decoded_by_libpng_with_pillows_pixels(image_processor, geometry, case):
+    data = FAST_PNGS[case]()
+    fast = fast_pixels(data)
+    assert fast is not None, "this PNG should take the libpng path"
+    assert fast.dtype == torch.uint8 and fast.shape[0] in (3, 4)
+    from vlm_worker.images import decode_pixels
+
+    pixels, fmt = decode_pixels(data, FIELD, MAX_SOURCE)
+    assert fmt == "PNG"
+    got = (
+        pixels.permute(1, 2, 0).numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
+    )
+    assert np.array_equal(got, pillow_rgb(data))
+    assert_same_model_input(
+        image_processor, Image.open(io.BytesIO(data)), prepare(data, image_processor, geometry)
+    )
+
+
+def exif_png(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(screenshot(320, 200), "PNG", exif=exif.tobytes())
+
+
+def bad_idat_crc() -> bytes:
+    data = bytearray(encode(textured(200, 120, seed=6)))
+    at = data.index(b"IDAT")
+    length = struct.unpack(">I", data[at - 4 : at])[0]
+    data[at + 4 + length] ^= 0xFF  # first byte of the IDAT chunk's CRC
+    return bytes(data)
+
+
+def apng() -> bytes:
+    frames = [screenshot(200, 120, seed=s) for s in (0, 20)]
+    return encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
+
+
+PILLOW_PNGS = {
+    "palette": lambda: encode(palette_image(), "PNG"),
+    "RGB-tRNS": lambda: encode(
+        Image.fromarray(noise(120, 90, 3, seed=2)), "PNG", transparency=(1, 2, 3)
+    ),
+    "RGB-16bit": lambda: raw_png(
+        np.random.default_rng(7).integers(0, 65536, (40, 50, 3)), _PNG_RGB, bit_depth=16
+    ),
+    "grey": lambda: encode(Image.fromarray(noise(120, 90, 1)), "PNG"),
+    "grey-alpha": lambda: encode(Image.fromarray(noise(120, 90, 2), "LA"), "PNG"),
+    "eXIf": lambda: exif_png(6),
+    "animated": apng,
+    "bad-IDAT-CRC": bad_idat_crc,
+}
+
+
+@pytest.mark.parametrize("case", sorted(PILLOW_PNGS))
+def test_other_pngs_stay_with_pillow(image_processor, geometry, case):
+    """Kinds where the two decoders could disagree, or where Pillow applies something
+    (an orientation, a first frame) that libpng would not: Pillow decodes them, as before."""
+    data = PILLOW_PNGS[case]()
+    assert Image.open(io.BytesIO(data)).format == "PNG"
+    assert fast_pixels(data) is None
+    prepared = prepare(data, image_processor, geometry)
+    reference = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    assert_same_model_input(image_processor, reference, prepared)
+
+
+def test_png_orientation_is_still_applied(image_processor, geometry):
+    prepared = prepare(exif_png(6), image_processor, geometry)
+    assert prepared.original_size == (200, 320)
+
+
+def test_truncated_plain_png_is_refused_by_name(image_processor, geometry):
+    """libpng refuses it, then Pillow does too, with the worker's own message."""
+    data = encode(textured(300, 200, seed=1))
+    assert fast_pixels(data) is not None
+    err = decode_error(data[: len(data) - 40], image_processor, geometry)
+    assert "truncated or corrupt" in err.message
+
+
+def test_4k_screenshot_takes_the_fast_path_and_keeps_the_processors_pixels(
+    image_processor, geometry
+):
+    from vlm_worker.bench import screenshot_png
+
+    data = screenshot_png(3840, 2160, seed=200)
+    assert fast_pixels(data) is not None
+    prepared = prepare(data, image_processor, geometry)
+    assert prepared.resized_size == (1316, 728)
+    assert_same_model_input(image_processor, Image.open(io.BytesIO(data)), prepared)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import pickle
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -58,13 +60,34 @@ def test_process_and_thread_counts_follow_the_cores(cores, processes, threads):
 
 
 def test_settings_choose_the_mode():
-    threads = ThreadPoolExecutor(1)
-    assert image_workers(WorkerSettings(preprocess_processes=0), threads).mode == "threads"
-    two = image_workers(WorkerSettings(preprocess_processes=2), threads)
+    threads = image_workers(WorkerSettings(preprocess_processes=0))
+    threads.shutdown()
+    assert threads.mode == "threads"
+    two = image_workers(WorkerSettings(preprocess_processes=2))
     try:
         assert two.mode == "2 processes"
     finally:
         two.shutdown()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice is per thread on Linux")
+def test_image_threads_run_at_lower_priority_than_the_worker():
+    """Only the image threads: the event loop and the prompt threads keep the worker's."""
+    import threading
+
+    from vlm_worker.preprocess import NICENESS
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    workers = image_workers(WorkerSettings(preprocess_processes=0, preprocess_threads=2))
+    try:
+        mine = nice()
+        assert workers.threads.submit(nice).result() == min(19, mine + NICENESS)
+        assert nice() == mine
+        assert ThreadPoolExecutor(1).submit(nice).result() == mine
+    finally:
+        workers.shutdown()
 
 
 def test_start_runs_every_process(pool):

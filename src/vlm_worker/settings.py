@@ -95,8 +95,9 @@ class WorkerSettings:
     )
     preprocess_threads: int | None = _setting(
         None,
-        "Threads rendering prompts (and decoding images when PREPROCESS_PROCESSES is 0) off "
-        "the event loop. Unset: one per CPU core.",
+        "Threads rendering prompts off the event loop, and as many again, at lower CPU "
+        "priority, preparing images in the worker process (all of them when "
+        "PREPROCESS_PROCESSES is 0; a job that runs alone otherwise). Unset: one per CPU core.",
         category="Worker",
         minimum=1,
         maximum=256,

@@ -229,7 +229,7 @@ def start_worker(env: Mapping[str, str] | None = None, *, warmup: bool | None = 
         if k in spec.explicit or k in ("model", "max_model_len", "limit_mm_per_prompt")
     }
     threads = prompt_threads(settings)
-    images = image_workers(settings, threads)
+    images = image_workers(settings)
     images.spawn()  # worker processes import torch while the engine loads
     log.info("starting engine", extra={"engine_args": json.dumps(shown, default=str)})
     t0 = time.perf_counter()
