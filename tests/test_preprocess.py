@@ -102,6 +102,10 @@ def test_image_processes_yield_the_cpu_to_streams_and_the_engine(pool):
 
     mine = psutil.Process().nice()
     assert [psutil.Process(p).nice() for p in pool.pids()] == [min(19, mine + NICENESS)] * 2
+    # every thread of theirs (Linux keeps nice per thread), torch's pool included
+    threads = [t.id for p in pool.pids() for t in psutil.Process(p).threads()]
+    assert len(threads) > 2
+    assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {min(19, mine + NICENESS)}
 
 
 @pytest.mark.parametrize(
@@ -114,7 +118,17 @@ def test_image_processes_yield_the_cpu_to_streams_and_the_engine(pool):
     ],
     ids=["png-data-uri", "jpeg-raw-base64", "fetched-bytes", "fixed-point"],
 )
-def test_a_process_gives_the_same_image_as_this_process(pool, processor, source):
+def test_a_process_gives_the_same_image_as_this_process(pool, processor, source, monkeypatch):
+    from vlm_worker import shm_pixels
+
+    received = []
+    real = shm_pixels.receive
+
+    def counting(*args: Any) -> Any:
+        received.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(shm_pixels, "receive", counting)  # unpickling looks it up by name
     local = prepare_source(
         source,
         field="f",
@@ -133,6 +147,50 @@ def test_a_process_gives_the_same_image_as_this_process(pool, processor, source)
         local.sha256,
     )
     assert remote.content_id == local.content_id
+    # the pixels came back through a file in /dev/shm, which is gone
+    assert len(received) == 1 and not os.path.exists(received[0])
+
+
+def pixel_files() -> list[str]:
+    """Pixel files whose owner is this process (the image processes' parent)."""
+    from vlm_worker import shm_pixels
+
+    return [p.name for p in shm_pixels.SHM_DIR.glob(f"{shm_pixels.PREFIX}{os.getpid()}-*")]
+
+
+def test_through_the_pipe_when_asked(pool, processor):
+    pool.ship_pixels = False
+    try:
+        remote = prepare(pool, processor, data_uri(screenshot(1280, 720, 1)))
+    finally:
+        pool.ship_pixels = True
+    assert remote.image.size == (1288, 728)
+
+
+def test_jobs_cancelled_while_their_image_is_prepared_leave_no_pixel_file(pool, processor):
+    async def cancel_midway() -> None:
+        tasks = [
+            asyncio.ensure_future(
+                pool.prepare(
+                    data_uri(screenshot(1920, 1080, seed)),
+                    field="f",
+                    geometry=GEOMETRY,
+                    processor=processor.image_processor,
+                    limits=LIMITS,
+                )
+            )
+            for seed in range(4)
+        ]
+        await asyncio.sleep(0.01)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(cancel_midway())
+    # the images finish in their processes all the same; their pixels arrive and are read
+    prepare(pool, processor, data_uri(screenshot(64, 48, 9)))
+    prepare(pool, processor, data_uri(screenshot(64, 48, 10)))
+    assert pixel_files() == []
 
 
 @pytest.mark.parametrize(

@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import multiprocessing
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from . import shm_pixels
 from .errors import ImageDecodeError
 from .images import ImageGeometry, ImageLimits, PreparedImage, prepare_source
 
@@ -72,6 +75,9 @@ def torch_threads(cpu_count: int | None = None) -> int:
 #: ~545 ms. Lowering one's own priority needs no privilege.
 NICENESS = 10
 
+#: How long the image processes may take to import and warm up at start.
+START_TIMEOUT_S = 300.0
+
 
 def lower_thread_priority() -> None:
     """Thread-pool initializer: the calling thread, alone, at ``nice`` +``NICENESS``.
@@ -99,7 +105,12 @@ def image_threads(count: int) -> ThreadPoolExecutor:
 
 
 def _init_child(threads: int) -> None:
-    """Runs once per worker process: the imports the image path needs (seconds)."""
+    """Runs once per worker process: the imports the image path needs (seconds).
+
+    ``nice`` first: Linux keeps it per thread, and a thread takes its creator's, so the
+    threads that the imports and torch's thread pool start after it inherit it too.
+    """
+    os.nice(NICENESS)
     import torch
     import torchvision.transforms.v2.functional  # noqa: F401
     import transformers.image_processing_backends
@@ -107,11 +118,19 @@ def _init_child(threads: int) -> None:
     import transformers.models.qwen2_vl.image_processing_qwen2_vl  # noqa: F401
 
     torch.set_num_threads(threads)
-    os.nice(NICENESS)
 
 
 def _pid() -> int:
     return os.getpid()
+
+
+def _in_process(work: Callable[[], PreparedImage], ship: bool) -> PreparedImage:
+    """Runs in an image process: the work, its pixels sent back through ``/dev/shm``
+    rather than the pool's shared result pipe (``shm_pixels`` says why)."""
+    prepared = work()
+    if not ship:
+        return prepared
+    return dataclasses.replace(prepared, image=shm_pixels.ship(prepared.image))
 
 
 def _warm(geometry: ImageGeometry, processor: Any) -> int:
@@ -119,12 +138,11 @@ def _warm(geometry: ImageGeometry, processor: Any) -> int:
 
     Proves every process can prepare an image before the worker takes jobs, and moves
     its first-use costs (allocator arenas, page faults on multi-MB buffers, torch's first
-    resize at that size) out of the first jobs. The pause makes each of the pool's
-    processes take one of these tasks. (The slow first busy round the H100 benchmark once
+    resize at that size) out of the first jobs. The pause spreads a round of these tasks
+    over the processes that are up. (The slow first busy round the H100 benchmark once
     showed was not here: it was vLLM's tokenizer pool, see ``model_info.text_encoder``.)
     """
     import io
-    import time
 
     from PIL import Image, ImageDraw
 
@@ -166,8 +184,12 @@ class ImageWorkers:
         self._owns_threads = owns_threads
         self.fn = fn
         self.threads_when_alone = threads_when_alone
+        #: Pixels come back from image processes through /dev/shm (False: the pipe).
+        self.ship_pixels = True
         self._torch_threads = torch_threads_per_process or torch_threads()
         self._lock = threading.Lock()
+        if processes:
+            shm_pixels.sweep()  # pixel files of a worker that was killed mid-transfer
         self._pool: ProcessPoolExecutor | None = self._new_pool() if processes else None
         self._spawned: list[Any] = []
         self.restarts = 0
@@ -201,9 +223,19 @@ class ImageWorkers:
             self.spawn()
         for future in self._spawned:
             future.result()
-        warm = [self._pool.submit(_warm, geometry, processor) for _ in range(self.processes)]
-        for future in warm:
-            future.result()
+        # Until every process has warmed up: one still importing torch takes no task, so
+        # a round can land wholly on those already up (and a pid that ran a task has run
+        # its initializer: its imports and ``nice``).
+        warmed: set[int] = set()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(warmed) < self.processes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(warmed)} of {self.processes} image processes started within "
+                    f"{START_TIMEOUT_S:g} s"
+                )
+            rounds = [self._pool.submit(_warm, geometry, processor) for _ in range(self.processes)]
+            warmed.update(future.result() for future in rounds)
         return self.pids()
 
     async def prepare(
@@ -224,6 +256,9 @@ class ImageWorkers:
         )
 
         def call(executor: Executor | None) -> asyncio.Future[PreparedImage]:
+            if isinstance(executor, ProcessPoolExecutor):
+                shipped = functools.partial(_in_process, work, self.ship_pixels)
+                return loop.run_in_executor(executor, shipped)
             return loop.run_in_executor(executor, work)
 
         if self._pool is None or (alone and self.threads_when_alone):
