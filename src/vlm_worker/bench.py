@@ -1029,6 +1029,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gap-reps", type=int, default=4, help="runs of each stream-gap load, interleaved"
     )
+    parser.add_argument(
+        "--pipe-pixels",
+        action="store_true",
+        help="image processes return pixels through the pool's pipe, not /dev/shm (A/B)",
+    )
     parser.add_argument("--skip-cold-start", action="store_true")
     parser.add_argument(
         "--only-throughput", action="store_true", help="section 1 only (quick before/after)"
@@ -1072,6 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
         results["model"] = worker.engine.info.name
         results["max_model_len"] = worker.engine.info.max_model_len
         results["image_workers"] = worker.runner.images.mode
+        worker.runner.images.ship_pixels = not args.pipe_pixels
+        results["pixels_back_through"] = "pipe" if args.pipe_pixels else "/dev/shm"
         if args.no_gc_freeze:
             gc.unfreeze()
         results["gc_frozen_objects"] = gc.get_freeze_count()
