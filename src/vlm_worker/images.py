@@ -304,7 +304,10 @@ def png_pixels(img: Image.Image, data: bytes) -> torch.Tensor | None:
         return None
     try:
         import torch
-        from torchvision.io import ImageReadMode, decode_png
+
+        with warnings.catch_warnings():  # torchvision.io's video part warns about torch.jit
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_png
     except ImportError:  # pragma: no cover - images still decode, through Pillow
         return None
     try:

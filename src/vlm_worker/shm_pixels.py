@@ -4,8 +4,11 @@ Why: a ``ProcessPoolExecutor`` returns results through one pipe that every worke
 shares. A 1288x728 screenshot's pixels (2.8 MB) cross it in ~45 writes of 64 KB, each
 read in the worker process by one result thread that re-takes the GIL after every read,
 behind the event loops and vLLM's output processing. The H200 benchmark's trace put
-16 ms (p50; 54 ms at worst) between an image process finishing its work and the job
-resuming with the pixels, at 8 concurrent jobs, against 21 ms for the work itself.
+15-16 ms (p50; 54 ms at worst) between an image process finishing its work and the job
+resuming with the pixels, at 8 concurrent jobs, against 21 ms for the work itself; with
+this, 9-12 ms (p50; 17-27 ms at worst) on the same kind of machine. What is left (writing
+the file, the pool's result thread, the hand-off to the event loop) was not split
+further; with images prepared in threads the same step takes 0.4 ms.
 
 Through a file in RAM the pipe carries a path; the worker reads the pixels with one
 ``read`` (the GIL released for all of it) and removes the file at once, in that same
