@@ -82,11 +82,14 @@ START_TIMEOUT_S = 300.0
 def lower_thread_priority() -> None:
     """Thread-pool initializer: the calling thread, alone, at ``nice`` +``NICENESS``.
 
-    For images prepared in threads (2-core machines, and a job alone). libpng decodes with
-    the GIL released, so two such threads take both cores; on the CPU build of vLLM the
-    model shares them, and at normal priority 8 jobs' images cost the handler 7-9 % of its
-    throughput at 8 jobs (bench, 2 cores). Linux keeps a nice value per thread; elsewhere
-    this does nothing rather than lower the whole process.
+    For images prepared in threads (small machines, ``PREPROCESS_PROCESSES=0``, and a job
+    alone): the same rule as for image processes, streams and the engine first. It
+    matters more since libpng decodes with the GIL released, so image threads now take
+    whole cores. Measured (README, Benchmarks): on the H200, threads at this priority kept
+    time to first token within target; on the 2-core CPU machine the benchmark's rounds
+    spread too much (±20 %) to tell it from normal priority, and images there take longer
+    to prepare while the model runs (8 jobs: 99-177 against 60-88 ms p50). Linux keeps a
+    nice value per thread; elsewhere this does nothing rather than lower the whole process.
     """
     if not sys.platform.startswith("linux"):
         return
