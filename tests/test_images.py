@@ -679,7 +679,9 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
 _PNG_RGB = 2  # IHDR colour type
 
 
-def raw_png(rows: np.ndarray, color_type: int, bit_depth: int = 8, before_idat=()) -> bytes:
+def raw_png(
+    rows: np.ndarray, color_type: int, bit_depth: int = 8, before_idat=(), after_idat=()
+) -> bytes:
     """A PNG written by hand (filter 0 on every row), for what Pillow cannot save."""
     height, width = rows.shape[:2]
     data = rows.astype(">u2").tobytes() if bit_depth == 16 else rows.astype(np.uint8).tobytes()
@@ -691,6 +693,7 @@ def raw_png(rows: np.ndarray, color_type: int, bit_depth: int = 8, before_idat=(
         + png_chunk(b"IHDR", ihdr)
         + b"".join(png_chunk(k, v) for k, v in before_idat)
         + png_chunk(b"IDAT", zlib.compress(scan))
+        + b"".join(png_chunk(k, v) for k, v in after_idat)
         + png_chunk(b"IEND", b"")
     )
 
@@ -744,6 +747,23 @@ def test_plain_pngs_are_decoded_by_libpng_with_pillows_pixels(image_processor, g
     )
 
 
+def exif_orientation(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def test_png_chunks_are_read_from_their_headers():
+    from vlm_worker.images import _png_chunks
+
+    data = raw_png(
+        noise(64, 48, 3, seed=6), _PNG_RGB, before_idat=[(b"tEXt", b"k\x00eXIf in text")]
+    )
+    assert _png_chunks(data) == {b"IHDR", b"tEXt", b"IDAT", b"IEND"}
+    assert _png_chunks(data[:40]) == {b"IHDR"}  # truncated: what is there
+    assert fast_pixels(data) is not None  # the name inside a chunk's data is no chunk
+
+
 def exif_png(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -774,6 +794,9 @@ PILLOW_PNGS = {
     "grey": lambda: encode(Image.fromarray(noise(120, 90, 1)), "PNG"),
     "grey-alpha": lambda: encode(Image.fromarray(noise(120, 90, 2), "LA"), "PNG"),
     "eXIf": lambda: exif_png(6),
+    "eXIf-after-IDAT": lambda: raw_png(
+        noise(64, 48, 3, seed=6), _PNG_RGB, after_idat=[(b"eXIf", exif_orientation(1))]
+    ),
     "animated": apng,
     "bad-IDAT-CRC": bad_idat_crc,
 }
