@@ -100,6 +100,11 @@ def lower_thread_priority() -> None:
         )
 
 
+def thread_count(settings: Any) -> int:
+    """``PREPROCESS_THREADS``, unset: one per core (at least 2); for prompts and for images."""
+    return settings.preprocess_threads or max(2, os.cpu_count() or 2)
+
+
 def image_threads(count: int) -> ThreadPoolExecutor:
     """Threads for image work, each at lower priority (``lower_thread_priority``)."""
     return ThreadPoolExecutor(
@@ -314,5 +319,5 @@ def image_workers(settings: Any) -> ImageWorkers:
     processes = settings.preprocess_processes
     if processes is None:
         processes = default_processes()
-    threads = image_threads(settings.preprocess_threads or max(2, os.cpu_count() or 2))
+    threads = image_threads(thread_count(settings))
     return ImageWorkers(processes=processes, threads=threads, owns_threads=True)

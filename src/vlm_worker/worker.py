@@ -33,7 +33,7 @@ from .job import JobRunner
 from .model_info import build_model_info, model_max_len
 from .model_source import ModelSource, resolve_model_source, served_settings, use_source
 from .openai_route import OpenAIRoute, is_openai_job
-from .preprocess import image_workers, torch_threads
+from .preprocess import image_workers, thread_count, torch_threads
 from .settings import TINY_MODEL_DIR, WorkerSettings, load_worker_settings
 
 log = logging.getLogger("vlm_worker.worker")
@@ -140,7 +140,7 @@ def prompt_threads(settings: WorkerSettings) -> ThreadPoolExecutor:
 
     torch.set_num_threads(torch_threads())
     return ThreadPoolExecutor(
-        max_workers=settings.preprocess_threads or max(2, os.cpu_count() or 2),
+        max_workers=thread_count(settings),
         thread_name_prefix="vlm-pre",
     )
 
