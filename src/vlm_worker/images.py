@@ -317,9 +317,9 @@ def png_pixels(img: Image.Image, data: bytes) -> torch.Tensor | None:
     """
     if img.format != "PNG" or len(data) < 33 or data[_PNG_BIT_DEPTH] != 8:
         return None
-    if data[_PNG_COLOR_TYPE] not in (_PNG_RGB, _PNG_RGBA) or "transparency" in img.info:
+    if data[_PNG_COLOR_TYPE] not in (_PNG_RGB, _PNG_RGBA):
         return None
-    if getattr(img, "is_animated", False) or not _png_chunks(data).isdisjoint(_PILLOW_CHUNKS):
+    if not _png_chunks(data).isdisjoint(_PILLOW_CHUNKS):  # tRNS, eXIf, acTL (animation)
         return None
     try:
         import torch
