@@ -119,16 +119,16 @@ def test_image_processes_yield_the_cpu_to_streams_and_the_engine(pool):
     ids=["png-data-uri", "jpeg-raw-base64", "fetched-bytes", "fixed-point"],
 )
 def test_a_process_gives_the_same_image_as_this_process(pool, processor, source, monkeypatch):
-    from vlm_worker import shm_pixels
+    from vlm_worker import shm_files
 
     received = []
-    real = shm_pixels.receive
+    real = shm_files.receive
 
     def counting(*args: Any) -> Any:
         received.append(args[0])
         return real(*args)
 
-    monkeypatch.setattr(shm_pixels, "receive", counting)  # unpickling looks it up by name
+    monkeypatch.setattr(shm_files, "receive", counting)  # unpickling looks it up by name
     local = prepare_source(
         source,
         field="f",
@@ -152,10 +152,49 @@ def test_a_process_gives_the_same_image_as_this_process(pool, processor, source,
 
 
 def pixel_files() -> list[str]:
-    """Pixel files whose owner is this process (the image processes' parent)."""
-    from vlm_worker import shm_pixels
+    """Pixel and source files whose owner is this process (the image processes' parent)."""
+    from vlm_worker import shm_files
 
-    return [p.name for p in shm_pixels.SHM_DIR.glob(f"{shm_pixels.PREFIX}{os.getpid()}-*")]
+    return [
+        p.name
+        for prefix in (shm_files.PREFIX, shm_files.SOURCE_PREFIX)
+        for p in shm_files.SHM_DIR.glob(f"{prefix}{os.getpid()}-*")
+    ]
+
+
+def noise(width: int, height: int, seed: int) -> Any:
+    """Random pixels: ~3 bytes per pixel as PNG, as large as real screenshots' files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8))
+
+
+@pytest.mark.parametrize("as_bytes", [False, True], ids=["data-uri", "fetched-bytes"])
+def test_a_large_source_reaches_the_process_through_a_file(pool, processor, monkeypatch, as_bytes):
+    from vlm_worker import shm_files
+
+    png = encode(noise(640, 480, 7), "PNG")
+    source = png if as_bytes else data_uri(noise(640, 480, 7))
+    assert len(source) > shm_files.SOURCE_MIN_BYTES
+    written = []
+    real = shm_files._write_new
+
+    def spying(path: Any, data: Any) -> None:
+        written.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(shm_files, "_write_new", spying)  # the feeder thread looks it up
+    local = prepare_source(
+        source, field="f", geometry=GEOMETRY, processor=processor.image_processor, limits=LIMITS
+    )
+    remote = prepare(pool, processor, source, field="f")
+    assert remote.image.tobytes() == local.image.tobytes()
+    assert remote.sha256 == local.sha256 and remote.nbytes == len(png)
+    sources = [p for p in written if p.name.startswith(shm_files.SOURCE_PREFIX)]
+    assert len(sources) == 1 and not sources[0].exists()
+    assert pixel_files() == []
 
 
 def test_through_the_pipe_when_asked(pool, processor):
@@ -167,12 +206,12 @@ def test_through_the_pipe_when_asked(pool, processor):
     assert remote.image.size == (1288, 728)
 
 
-def test_jobs_cancelled_while_their_image_is_prepared_leave_no_pixel_file(pool, processor):
+def test_jobs_cancelled_while_their_image_is_prepared_leave_no_file(pool, processor):
     async def cancel_midway() -> None:
         tasks = [
             asyncio.ensure_future(
                 pool.prepare(
-                    data_uri(screenshot(1920, 1080, seed)),
+                    data_uri(noise(1280, 720, seed)),  # sent through a file as well
                     field="f",
                     geometry=GEOMETRY,
                     processor=processor.image_processor,

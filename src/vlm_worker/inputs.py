@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -27,6 +28,18 @@ MAX_STOP_SEQUENCES = 16
 MAX_MESSAGES = 256
 
 
+def _not_empty(value: str) -> str:
+    if not value:
+        raise ValueError("String should have at least 1 character")
+    return value
+
+
+#: A non-empty string, checked in O(1). ``Field(min_length=1)`` counts the characters,
+#: holding the GIL throughout: 1.5 ms for a 4K screenshot's 7 MB data URI, once per job,
+#: which stalls every stream on the worker for as long.
+NonEmptyStr = Annotated[str, AfterValidator(_not_empty)]
+
+
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
@@ -35,7 +48,7 @@ class TextPart(BaseModel):
 
 class ImageURL(BaseModel):
     model_config = _STRICT
-    url: str = Field(min_length=1)
+    url: NonEmptyStr
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -58,7 +71,7 @@ class ImageURLPart(BaseModel):
 class ImagePart(BaseModel):
     model_config = _STRICT
     type: Literal["image"]
-    image: str = Field(min_length=1)
+    image: NonEmptyStr
 
     @property
     def source(self) -> str:
@@ -128,8 +141,8 @@ class Job(BaseModel):
     task: Literal["chat", "grounding"] = "chat"
     messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     instruction: str | None = None
-    image: str | None = Field(None, min_length=1)
-    system_prompt: str | None = Field(None, min_length=1)
+    image: NonEmptyStr | None = None
+    system_prompt: NonEmptyStr | None = None
     sampling_params: SamplingOptions = Field(default_factory=SamplingOptions)
     stream: bool = True
 

@@ -7,7 +7,8 @@ payload), Pillow's PNG decode loop re-taking it for every chunk, the PIL-to-tens
 Sampled with ``py-spy --gil`` (2-core CPU machine) while 8 4K jobs were preprocessed
 beside a streaming job, those held the GIL in ~57 % of the samples, and the streaming job's chunks waited behind
 them. A child process does all of it and sends back only the resized RGB pixels (2.9 MB
-for a screenshot); this process pays one pickle each way.
+for a screenshot). The source goes there and the pixels come back through files in
+``/dev/shm`` (``shm_files``), so this process copies neither while holding the GIL.
 
 A job alone on the worker is prepared in a thread all the same: with no other job's
 stream to protect, the round trip to a process (4-14 ms measured, for pickling 4-5 MB
@@ -37,7 +38,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from . import shm_pixels
+from . import shm_files
 from .errors import ImageDecodeError
 from .images import ImageGeometry, ImageLimits, PreparedImage, prepare_source
 
@@ -132,13 +133,17 @@ def _pid() -> int:
     return os.getpid()
 
 
-def _in_process(work: Callable[[], PreparedImage], ship: bool) -> PreparedImage:
-    """Runs in an image process: the work, its pixels sent back through ``/dev/shm``
-    rather than the pool's shared result pipe (``shm_pixels`` says why)."""
-    prepared = work()
+def _in_process(
+    fn: PrepareFn, source: str | bytes | shm_files.IncomingSource, ship: bool, **kwargs: Any
+) -> PreparedImage:
+    """Runs in an image process: the source read from ``/dev/shm`` if it was sent that
+    way, the work, and its pixels sent back the same way (``shm_files`` says why)."""
+    if isinstance(source, shm_files.IncomingSource):
+        source = source.read()
+    prepared = fn(source, **kwargs)
     if not ship:
         return prepared
-    return dataclasses.replace(prepared, image=shm_pixels.ship(prepared.image))
+    return dataclasses.replace(prepared, image=shm_files.ship(prepared.image))
 
 
 def _warm(geometry: ImageGeometry, processor: Any) -> int:
@@ -194,10 +199,12 @@ class ImageWorkers:
         self.threads_when_alone = threads_when_alone
         #: Pixels come back from image processes through /dev/shm (False: the pipe).
         self.ship_pixels = True
+        #: Large sources go to image processes through /dev/shm (False: the pipe).
+        self.ship_sources = True
         self._torch_threads = torch_threads_per_process or torch_threads()
         self._lock = threading.Lock()
         if processes:
-            shm_pixels.sweep()  # pixel files of a worker that was killed mid-transfer
+            shm_files.sweep()  # files of a worker that was killed mid-transfer
         self._pool: ProcessPoolExecutor | None = self._new_pool() if processes else None
         self._spawned: list[Any] = []
         self.restarts = 0
@@ -258,22 +265,25 @@ class ImageWorkers:
     ) -> PreparedImage:
         """``alone``: no other job is running, so a thread is the faster place."""
         loop = asyncio.get_running_loop()
-
-        work = functools.partial(
-            self.fn, source, field=field, geometry=geometry, processor=processor, limits=limits
-        )
-
-        def call(executor: Executor | None) -> asyncio.Future[PreparedImage]:
-            if isinstance(executor, ProcessPoolExecutor):
-                shipped = functools.partial(_in_process, work, self.ship_pixels)
-                return loop.run_in_executor(executor, shipped)
-            return loop.run_in_executor(executor, work)
-
+        kwargs = {"field": field, "geometry": geometry, "processor": processor, "limits": limits}
         if self._pool is None or (alone and self.threads_when_alone):
-            return await call(self.threads)
-        pool = self._pool
+            return await loop.run_in_executor(
+                self.threads, functools.partial(self.fn, source, **kwargs)
+            )
+        sent = shm_files.outgoing(source) if self.ship_sources else None
+        work = functools.partial(_in_process, self.fn, sent or source, self.ship_pixels, **kwargs)
         try:
-            return await call(pool)
+            return await self._in_pool(work, field)
+        finally:
+            if sent is not None:
+                sent.discard()
+
+    async def _in_pool(self, work: Callable[[], PreparedImage], field: str) -> PreparedImage:
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        assert pool is not None
+        try:
+            return await loop.run_in_executor(pool, work)
         except BrokenProcessPool:
             self._replace(pool)
         # Every job in a broken pool fails, not only the one whose image killed it; each
@@ -281,7 +291,7 @@ class ImageWorkers:
         log.warning("image worker process died; retrying the image alone", extra={"field": field})
         solo = self._new_pool(1)
         try:
-            return await call(solo)
+            return await loop.run_in_executor(solo, work)
         except BrokenProcessPool:
             raise ImageDecodeError(
                 "the image could not be decoded: it crashed the image worker process",
