@@ -364,3 +364,43 @@ def test_a_job_alone_is_prepared_in_a_thread_others_in_processes(processor):
     finally:
         workers.shutdown()
         threads.shutdown()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL and reparenting")
+def test_image_processes_exit_when_the_worker_is_killed(tmp_path):
+    """A worker killed without shutting its pool down (the OOM killer) leaves no processes."""
+    import signal
+    import subprocess
+    import textwrap
+
+    pids = tmp_path / "pids"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from vlm_worker.preprocess import ImageWorkers
+
+        workers = ImageWorkers(processes=1, threads=None)
+        workers.spawn()
+        with open({str(pids)!r}, "w") as f:
+            print(*[future.result() for future in workers._spawned], file=f)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    # no pipes: an image process that outlived the worker would hold them open forever
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL
+    (pid,) = pids.read_text().split()
+    try:
+        child = psutil.Process(int(pid))
+    except psutil.NoSuchProcess:
+        return  # already gone
+    gone, alive = psutil.wait_procs([child], timeout=30)
+    if alive:
+        child.kill()
+    assert gone, "the image process outlived its killed worker"
