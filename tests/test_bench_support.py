@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm_worker.bench import markdown, screenshot_png
+from vlm_worker.bench import markdown, pooled, pooled_markdown, screenshot_png
 from vlm_worker.shaped_model import build_shaped_model
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -84,6 +84,69 @@ def test_committed_paired_ratios_follow_from_the_runs_they_pair():
             four_k["e2e_ratio_paired_median"] < 1.0
         )
     assert checked >= 3  # the CPU run and the two H100 runs
+
+
+def run_of(pairs: list[tuple[float, float, float, float]], concurrency: int = 8) -> dict:
+    """A results file's throughput section: (handler tok/s, bare tok/s, handler TTFT p50,
+    bare TTFT p50) per round pair."""
+    return {
+        "throughput": [
+            {
+                "concurrency": concurrency,
+                "all_runs": {
+                    "handler": [{"tokens_per_s": h, "ttft_p50_ms": ht} for h, _, ht, _ in pairs],
+                    "bare": [{"tokens_per_s": b, "ttft_p50_ms": bt} for _, b, _, bt in pairs],
+                },
+            }
+        ]
+    }
+
+
+def test_pooled_intervals_say_met_missed_or_cannot_tell():
+    steady = [(1000.0 + i, 1000.0, 300.0 + i % 2, 300.0) for i in range(8)]
+    (met,) = pooled([run_of(steady)])
+    assert met["pairs"] == 8 and met["tokens_per_s_target"] == "met"
+    assert met["added_ttft_target"] == "met"
+    low, high = met["tokens_per_s_ratio_ci95"]
+    assert low <= met["tokens_per_s_ratio"] <= high and low >= 0.98
+
+    slow = [(900.0 + i, 1000.0, 340.0 + i, 300.0) for i in range(8)]
+    (missed,) = pooled([run_of(slow)])
+    assert missed["tokens_per_s_target"] == "missed" and missed["added_ttft_target"] == "missed"
+    assert missed["added_ttft_p50_ms"] == pytest.approx(43.5)
+
+    noisy = [
+        (1000.0 * (1.1 if i % 2 else 0.9), 1000.0, 300.0 + (60 if i % 2 else -60), 300.0)
+        for i in range(8)
+    ]
+    (unsure,) = pooled([run_of(noisy)])
+    assert unsure["tokens_per_s_target"] == unsure["added_ttft_target"] == "unresolved"
+
+
+def test_pooling_runs_narrows_the_interval_and_few_pairs_give_no_verdict():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    runs = [
+        run_of([(1000.0 * rng.normal(1.0, 0.05), 1000.0, 300.0, 300.0) for _ in range(4)])
+        for _ in range(4)
+    ]
+    (one,) = pooled(runs[:1])
+    (four,) = pooled(runs)
+    assert one["tokens_per_s_target"] == "too few pairs" and four["pairs"] == 16
+
+    def width(p: dict) -> float:
+        return p["tokens_per_s_ratio_ci95"][1] - p["tokens_per_s_ratio_ci95"][0]
+
+    assert width(four) < width(one)
+    assert pooled(runs) == pooled(runs)  # a fixed seed: reruns agree
+
+
+def test_committed_gpu_runs_pool_into_a_table():
+    files = sorted(RESULTS.glob("2026-11-29-gpu-[bc]-*.json"))
+    assert len(files) == 4
+    table = pooled_markdown([json.loads(f.read_text()) for f in files], [f.stem for f in files])
+    assert table.count("| 16 |") == 3  # 4 rounds x 4 runs at each concurrency
 
 
 def test_screenshot_like_png_is_realistically_large():

@@ -861,6 +861,98 @@ def device_name() -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+#: The issue's per-concurrency targets: handler tok/s at least this share of the bare
+#: engine's, and at most this much added time to first token (ms).
+TOKENS_RATIO_TARGET = 0.98
+ADDED_TTFT_TARGET_MS = 5.0
+
+
+def _bootstrap_ci(values: np.ndarray, stat: Callable[[np.ndarray], float]) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of ``stat``; a fixed seed, so reruns agree."""
+    rng = np.random.default_rng(0)
+    draws = rng.choice(values, size=(10_000, len(values)), replace=True)
+    estimates = np.apply_along_axis(stat, 1, draws)
+    low, high = np.percentile(estimates, [2.5, 97.5])
+    return float(low), float(high)
+
+
+#: Fewer round pairs than this give no verdict: a bootstrap interval over a handful of
+#: values is far too narrow.
+MIN_PAIRS = 6
+
+
+def _verdict(low: float, high: float, ok: Callable[[float], bool], pairs: int) -> str:
+    """Met when the whole interval meets the target, missed when none of it does."""
+    if pairs < MIN_PAIRS:
+        return "too few pairs"
+    if ok(low) and ok(high):
+        return "met"
+    if not ok(low) and not ok(high):
+        return "missed"
+    return "unresolved"
+
+
+def pooled(results: list[dict]) -> list[dict]:
+    """Per concurrency, every handler round against the bare round just before it, over
+    one or more results files: the ratio of tok/s (geometric mean) and the added time to
+    first token (mean), each with a 95 % bootstrap interval and a verdict on the target.
+
+    Why: a run's rounds of one mode spread by 5-15 % on a GPU host, so one run's best or
+    median round cannot tell a ratio of 0.98 from 1.0, nor +5 ms from +30. The interval
+    says whether the runs show a target met, show it missed, or cannot tell; pooling
+    runs of the same code narrows it.
+    """
+    out = []
+    for c in sorted({r["concurrency"] for res in results for r in res["throughput"]}):
+        log_ratios, added = [], []
+        for res in results:
+            for row in res["throughput"]:
+                if row["concurrency"] != c:
+                    continue
+                runs = row["all_runs"]
+                for h, b in zip(runs["handler"], runs["bare"], strict=True):
+                    log_ratios.append(np.log(h["tokens_per_s"] / b["tokens_per_s"]))
+                    added.append(h["ttft_p50_ms"] - b["ttft_p50_ms"])
+        lr, dt = np.asarray(log_ratios), np.asarray(added)
+        r_low, r_high = (float(np.exp(v)) for v in _bootstrap_ci(lr, np.mean))
+        t_low, t_high = _bootstrap_ci(dt, np.mean)
+        out.append(
+            {
+                "concurrency": c,
+                "pairs": len(lr),
+                "tokens_per_s_ratio": round(float(np.exp(lr.mean())), 4),
+                "tokens_per_s_ratio_ci95": [round(r_low, 4), round(r_high, 4)],
+                "tokens_per_s_target": _verdict(
+                    r_low, r_high, lambda v: v >= TOKENS_RATIO_TARGET, len(lr)
+                ),
+                "added_ttft_p50_ms": round(float(dt.mean()), 2),
+                "added_ttft_p50_ms_ci95": [round(t_low, 2), round(t_high, 2)],
+                "added_ttft_target": _verdict(
+                    t_low, t_high, lambda v: v <= ADDED_TTFT_TARGET_MS, len(dt)
+                ),
+            }
+        )
+    return out
+
+
+def pooled_markdown(results: list[dict], names: list[str]) -> str:
+    lines = [
+        f"Pooled over {len(results)} run(s): {', '.join(names)}",
+        "",
+        "| concurrency | round pairs | tok/s ratio (95 % CI) | ≥ 0.98 | added TTFT p50, ms "
+        "(95 % CI) | ≤ 5 ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in pooled(results):
+        (rl, rh), (tl, th) = p["tokens_per_s_ratio_ci95"], p["added_ttft_p50_ms_ci95"]
+        lines.append(
+            f"| {p['concurrency']} | {p['pairs']} | {p['tokens_per_s_ratio']:.3f} "
+            f"({rl:.3f} to {rh:.3f}) | {p['tokens_per_s_target']} | "
+            f"{p['added_ttft_p50_ms']:+.1f} ({tl:+.1f} to {th:+.1f}) | {p['added_ttft_target']} |"
+        )
+    return "\n".join(lines)
+
+
 def targets(results: dict) -> dict:
     """The issue's targets, judged on the best round of each mode and on the medians.
 
@@ -877,6 +969,14 @@ def targets(results: dict) -> dict:
             r["ratio_tokens_per_s_of_medians"] >= 0.98 for r in rows
         ),
         "median_added_ttft_p50_ms_max": max(r["added_ttft_p50_ms_of_medians"] for r in rows),
+        # every round pair of this run, with 95 % intervals: met, missed or unresolved
+        "per_concurrency_ci95": {
+            p["concurrency"]: {
+                "tokens_per_s": p["tokens_per_s_target"],
+                "added_ttft": p["added_ttft_target"],
+            }
+            for p in pooled([results])
+        },
     }
     if "stream_gaps" in results:
         g = results["stream_gaps"]
@@ -1040,9 +1140,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cold-start-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--table", type=Path, help="print a results file as markdown tables")
+    parser.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        help="results files of the same code: tok/s ratio and added TTFT with 95 %% intervals",
+    )
     args = parser.parse_args(argv)
     if args.table:
         print(markdown(json.loads(args.table.read_text())))
+        return 0
+    if args.pool:
+        runs = [json.loads(path.read_text()) for path in args.pool]
+        print(pooled_markdown(runs, [path.stem for path in args.pool]))
         return 0
     if args.cold_start_child:
         _cold_start_child()
