@@ -99,6 +99,22 @@ def test_sweep_removes_only_files_of_workers_that_are_gone(tmp_path):
     )
 
 
+def test_files_name_the_worker_they_started_under_even_after_it_died(tmp_path, monkeypatch):
+    """An image process orphaned mid-job (its parent now another pid) still names the
+    dead worker, so the next start's sweep removes what it wrote."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    monkeypatch.setattr(shm_files, "owner_pid", int(dead.stdout))
+    shipped = shm_files.ship(noise_image(16, 8), tmp_path)
+    assert os.path.basename(shipped.path).startswith(f"{shm_files.PREFIX}{int(dead.stdout)}-")
+    assert shm_files.sweep(tmp_path) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- sources out
 BIG_URI = "data:image/png;base64," + "QUJD" * 100_000  # 400 kB, above SOURCE_MIN_BYTES
 

@@ -120,8 +120,10 @@ def _init_child(threads: int) -> None:
     threads that the imports and torch's thread pool start after it inherit it too.
     """
     os.nice(NICENESS)
+    worker = os.getppid()
+    shm_files.owner_pid = worker
     threading.Thread(
-        target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True
+        target=_exit_with_parent, args=(worker,), name="parent-watch", daemon=True
     ).start()
     import torch
     import torchvision.transforms.v2.functional  # noqa: F401

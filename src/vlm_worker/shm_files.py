@@ -46,6 +46,11 @@ from .textbuf import ascii_view
 SHM_DIR = Path("/dev/shm")
 PREFIX = "vlm-worker-pixels-"
 SOURCE_PREFIX = "vlm-worker-source-"
+#: In an image process: its worker's pid, set when the process starts. Files are named
+#: after it rather than after the current parent, which is another process once the
+#: worker has died: a file written in that moment still names its dead owner, and
+#: ``sweep`` removes it (one named after pid 1 would stay until the machine restarts).
+owner_pid: int | None = None
 #: Smaller sources go through the pipe: a file costs more than pickling them.
 SOURCE_MIN_BYTES = 256 << 10
 
@@ -67,7 +72,7 @@ def ship(img: Image.Image, directory: Path = SHM_DIR) -> Image.Image | ShippedPi
     if not directory.is_dir():
         return img
     # The worker process is this process's parent: its pid names the file's owner.
-    path = directory / f"{PREFIX}{os.getppid()}-{uuid.uuid4().hex}"
+    path = directory / f"{PREFIX}{owner_pid or os.getppid()}-{uuid.uuid4().hex}"
     try:
         _write_new(path, memoryview(img.tobytes()))
     except OSError:  # no room (ENOSPC), not writable: the pipe still works
