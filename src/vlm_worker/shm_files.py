@@ -154,10 +154,11 @@ class OutgoingSource:
 
 
 def outgoing(source: str | bytes) -> OutgoingSource | None:
-    """An ``OutgoingSource`` for a source worth a file, else None (pickle it as it is)."""
-    if len(source) < SOURCE_MIN_BYTES or not SHM_DIR.is_dir():
-        return None
-    return OutgoingSource(source)
+    """An ``OutgoingSource`` for a source worth a file, else None (pickle it as it is).
+
+    Whether ``/dev/shm`` is there is checked when it is pickled, which falls back to the
+    pipe."""
+    return OutgoingSource(source) if len(source) >= SOURCE_MIN_BYTES else None
 
 
 @contextlib.contextmanager
