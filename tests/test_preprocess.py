@@ -11,6 +11,7 @@ import base64
 import os
 import pickle
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -226,9 +227,15 @@ def test_jobs_cancelled_while_their_image_is_prepared_leave_no_file(pool, proces
         await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(cancel_midway())
-    # the images finish in their processes all the same; their pixels arrive and are read
+    # The images finish in their processes all the same, and their pixels are read when
+    # each result arrives. A later job can overtake them on the other process (CI once
+    # saw a file left after two more jobs), so this waits until the executor has taken
+    # in every result (CPython drops a work item only after unpickling its result).
     prepare(pool, processor, data_uri(screenshot(64, 48, 9)))
-    prepare(pool, processor, data_uri(screenshot(64, 48, 10)))
+    deadline = time.monotonic() + 30
+    while pool._pool._pending_work_items and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pool._pool._pending_work_items, "the cancelled images never finished"
     assert pixel_files() == []
 
 
