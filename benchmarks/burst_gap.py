@@ -85,14 +85,14 @@ def main() -> None:
     sys.path.insert(0, str(args.src))
     os.environ.setdefault("LOG_LEVEL", "WARNING")
 
+    from benchmarks.bench import data_uri, job_input, screenshot_png
     from transformers import AutoProcessor
 
-    from vlm_worker.bench import data_uri, job_input, screenshot_png
-    from vlm_worker.engine import ModelInfo
-    from vlm_worker.images import ImageGeometry
-    from vlm_worker.job import JobRunner
-    from vlm_worker.preprocess import ImageWorkers, image_threads
-    from vlm_worker.settings import load_worker_settings
+    from vlm_worker.config.settings import load_worker_settings
+    from vlm_worker.engine.protocol import ModelInfo
+    from vlm_worker.media.geometry import ImageGeometry
+    from vlm_worker.pipeline.image_pool import ImagePool, image_threads
+    from vlm_worker.pipeline.runner import JobRunner
 
     processor = AutoProcessor.from_pretrained(ROOT / ".models" / "tiny-qwen2.5-vl")
     info = ModelInfo(
@@ -110,7 +110,7 @@ def main() -> None:
         def __init__(self) -> None:
             self.info = info
 
-    images = ImageWorkers(
+    images = ImagePool(
         processes=args.processes, threads=image_threads(args.threads), owns_threads=True
     )
     if args.processes:

@@ -27,9 +27,10 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from vlm_worker import images  # noqa: E402
-from vlm_worker.bench import data_uri, screenshot_png  # noqa: E402
-from vlm_worker.settings import TINY_MODEL_DIR  # noqa: E402
+from benchmarks.bench import data_uri, screenshot_png  # noqa: E402
+
+from vlm_worker.config.settings import TINY_MODEL_DIR  # noqa: E402
+from vlm_worker.media import images  # noqa: E402
 
 SLEEP_S = 0.0005
 

@@ -43,8 +43,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from PIL import Image  # noqa: E402
 
-from vlm_worker import shm_files  # noqa: E402
-from vlm_worker.images import ImageGeometry, ImageLimits, prepare_source  # noqa: E402
+from vlm_worker.media.geometry import ImageGeometry  # noqa: E402
+from vlm_worker.media.images import ImageLimits, prepare_source  # noqa: E402
+from vlm_worker.pipeline import pixel_files  # noqa: E402
 
 STAGES = ("ship", "pipe", "receive", "to job", "all")
 
@@ -54,7 +55,7 @@ def traced_prepare(log: str, source: Any, **kwargs: Any) -> Any:
     (``perf_counter`` is the system's monotonic clock, shared by the processes)."""
     prepared = prepare_source(source, **kwargs)
     done = time.perf_counter()
-    shipped = shm_files.ship(prepared.image)
+    shipped = pixel_files.ship(prepared.image)
     shipped_at = time.perf_counter()
     with open(log, "a") as f:
         f.write(json.dumps([getattr(shipped, "path", None), done, shipped_at]) + "\n")
@@ -81,13 +82,13 @@ def main() -> None:
     parser.add_argument("--receive", choices=("read", "mmap"), default="read")
     args = parser.parse_args()
 
+    from benchmarks.bench import data_uri, screenshot_png
     from transformers import AutoProcessor
 
-    from vlm_worker.bench import data_uri, screenshot_png
-    from vlm_worker.preprocess import ImageWorkers
+    from vlm_worker.pipeline.image_pool import ImagePool
 
     received: dict[str, tuple[float, float]] = {}
-    read = shm_files.receive if args.receive == "read" else mmap_receive
+    read = pixel_files.receive if args.receive == "read" else mmap_receive
 
     def timed_receive(path: str, mode: str, size: tuple[int, int]) -> Image.Image:
         start = time.perf_counter()
@@ -95,13 +96,13 @@ def main() -> None:
         received[path] = (start, time.perf_counter())
         return image
 
-    shm_files.receive = timed_receive  # unpickling looks it up by name, in this process
+    pixel_files.receive = timed_receive  # unpickling looks it up by name, in this process
 
     processor = AutoProcessor.from_pretrained(ROOT / ".models" / "tiny-qwen2.5-vl")
     geometry = ImageGeometry(max_pixels=1003520)
     limits = ImageLimits(max_bytes=64 << 20, max_source_pixels=50_000_000)
     log = Path(tempfile.mkdtemp(prefix="vlm-return-path-")) / "shipped.jsonl"
-    workers = ImageWorkers(
+    workers = ImagePool(
         processes=args.processes, threads=None, fn=functools.partial(traced_prepare, str(log))
     )
     workers.ship_pixels = False  # traced_prepare ships them itself

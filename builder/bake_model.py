@@ -19,7 +19,7 @@ is never stored in a layer nor printed; ``HF_TOKEN`` in the environment is the f
 This script depends on nothing but the standard library and huggingface_hub (both in the
 vLLM base image), not on the worker package: the Dockerfile runs it before installing the
 worker, so the multi-GB model layer stays cached when only the worker's code changes. The
-patterns and the manifest format are shared with ``vlm_worker.model_source`` by value; the
+patterns and the manifest format are shared with ``vlm_worker.config.model_source`` by value; the
 test suite checks the two agree.
 """
 
@@ -32,7 +32,7 @@ import shutil
 import sys
 from pathlib import Path
 
-#: Must equal vlm_worker.model_source.ALLOW_PATTERNS (tests/test_deploy.py checks).
+#: Must equal vlm_worker.config.model_source.ALLOW_PATTERNS (tests/test_deploy.py checks).
 ALLOW_PATTERNS: tuple[str, ...] = (
     "*.safetensors",
     "*.json",

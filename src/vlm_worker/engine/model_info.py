@@ -1,0 +1,149 @@
+"""Facts about the served model, read once at start from its processor and vLLM's config."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from vlm_worker.adapters.vllm import encoder_cache_size, image_placeholder
+from vlm_worker.config.settings import WorkerSettings
+from vlm_worker.engine.protocol import ModelInfo
+from vlm_worker.media.geometry import ImageGeometry
+
+log = logging.getLogger("vlm_worker.model")
+
+
+def load_processor(model: str, revision: str | None, trust_remote_code: bool) -> Any:
+    """The same processor class vLLM uses (the torchvision "fast" one)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(
+        model, revision=revision, trust_remote_code=trust_remote_code, use_fast=True
+    )
+
+
+def geometry_from(
+    image_processor: Any, mm_processor_kwargs: dict[str, Any] | None = None
+) -> ImageGeometry:
+    """The processor's resize rule as vLLM will apply it: its own size, then the
+    ``min_pixels``/``max_pixels`` vLLM passes it (from MM_PROCESSOR_KWARGS / IMAGE_*)."""
+    size = getattr(image_processor, "size", None) or {}
+    get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
+    min_pixels = get("shortest_edge") or getattr(image_processor, "min_pixels", None) or 56 * 56
+    max_pixels = (
+        get("longest_edge") or getattr(image_processor, "max_pixels", None) or 28 * 28 * 1280
+    )
+    overrides = mm_processor_kwargs or {}
+    return ImageGeometry(
+        patch_size=int(getattr(image_processor, "patch_size", 14)),
+        merge_size=int(getattr(image_processor, "merge_size", 2)),
+        min_pixels=int(overrides.get("min_pixels") or min_pixels),
+        max_pixels=int(overrides.get("max_pixels") or max_pixels),
+    )
+
+
+def model_max_len(model: str, revision: str | None, trust_remote_code: bool) -> int | None:
+    """The model's own context length, to cap the worker's default MAX_MODEL_LEN."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            model, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # vLLM will report the real problem when it loads the model
+        log.debug("could not read the model config for max_model_len: %s", exc)
+        return None
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def text_encoder(tokenizer: Any, probe: str) -> Callable[[str], list[int]] | None:
+    """Prompt text -> token ids through a Rust tokenizer of our own, or None if unusable.
+
+    Why not ``tokenizer.encode``: vLLM makes its tokenizer thread-safe with a pool that
+    deep-copies the whole tokenizer (vocabulary dicts included) whenever more threads
+    use it at once than it has copies. On the H100 host each copy held the GIL for
+    ~0.1 s, so a worker's first burst of 8 jobs, and again its first of 32, stalled
+    every stream and every image hand-off for up to 1.5 s (``py-spy --gil``). A private
+    ``tokenizers.Tokenizer`` is never reconfigured (transformers sets truncation and
+    padding on its backend per call; we never call transformers on this one), so any
+    number of threads can encode with it, and it skips transformers' per-call Python.
+
+    ``probe`` (a rendered prompt, special tokens and all) must come out the same both
+    ways; a tokenizer whose transformers class adds its own processing falls back.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_truncation()
+    own.no_padding()
+
+    def encode(text: str) -> list[int]:
+        return own.encode(text, add_special_tokens=False).ids
+
+    expected = list(tokenizer.encode(probe, add_special_tokens=False))
+    if encode(probe) != expected:
+        log.warning(
+            "the tokenizer's backend encodes prompts differently from its transformers "
+            "class; prompts are tokenized through vLLM's tokenizer pool instead"
+        )
+        return None
+    return encode
+
+
+def _probe_prompt(templater: Any, placeholder: str) -> str:
+    """A rendered chat prompt with an image and non-ASCII text, for ``text_encoder``."""
+    text = "Click the \u201cSave\u201d button \u2014 \u4fdd\u5b58 \u2713 \U0001f642  (x=12, y=-3.5)"
+    try:
+        return templater.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    except Exception:  # a template that wants another message shape: the raw pieces
+        return f"{placeholder}\n{text}\n"
+
+
+def build_model_info(
+    llm: Any, settings: WorkerSettings, engine_kwargs: dict[str, Any], processor: Any = None
+) -> ModelInfo:
+    model_config = llm.model_config
+    trust = bool(engine_kwargs.get("trust_remote_code", False))
+    if processor is None:
+        processor = load_processor(engine_kwargs["model"], engine_kwargs.get("revision"), trust)
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise RuntimeError(f"{engine_kwargs['model']} has no image processor; is it a VLM?")
+    tokenizer = (
+        llm.tokenizer if getattr(llm, "tokenizer", None) is not None else processor.tokenizer
+    )
+    chat_template = settings.chat_template_text()
+    # Templates render in our prompt threads: the processor's own tokenizer, not vLLM's
+    # pooled one (see ``text_encoder``), when the processor has no template of its own.
+    templater = (
+        processor
+        if getattr(processor, "chat_template", None) or chat_template
+        else getattr(processor, "tokenizer", None) or tokenizer
+    )
+    placeholder = image_placeholder(model_config)
+    image_token = getattr(processor, "image_token", None) or placeholder
+    served = engine_kwargs.get("served_model_name")
+    name = (served[0] if isinstance(served, list) else served) or settings.model_label
+    return ModelInfo(
+        name=name,
+        max_model_len=int(model_config.max_model_len),
+        geometry=geometry_from(image_processor, engine_kwargs.get("mm_processor_kwargs")),
+        image_processor=image_processor,
+        templater=templater,
+        tokenizer=tokenizer,
+        placeholder=placeholder,
+        image_token=image_token,
+        default_sampling=dict(model_config.get_diff_sampling_param() or {}),
+        max_image_tokens=encoder_cache_size(llm),
+        encoder=text_encoder(tokenizer, _probe_prompt(templater, placeholder)),
+    )

@@ -1,0 +1,233 @@
+"""vLLM's ``AsyncLLM`` behind the ``Engine`` protocol (``engine.protocol``).
+
+Why a thread of its own: vLLM's ``AsyncLLM`` binds its output handler and ZMQ sockets
+to the event loop it first runs in, while the runpod SDK starts a fresh loop
+(``asyncio.run`` for the queue, uvicorn for ``--rp_serve_api``). Owning one loop on a
+background thread lets the engine start and warm up before the SDK's loop exists, and
+serve whatever loop the SDK happens to use. Deltas cross loops with
+``call_soon_threadsafe`` (microseconds per chunk) and are merged when the reader lags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from vlm_worker.adapters.vllm import (
+    engine_exception_types,
+    is_prompt_too_long,
+    num_unfinished_requests,
+)
+from vlm_worker.contract.errors import (
+    EngineDead,
+    EngineError,
+    InvalidInput,
+    PromptTooLong,
+    WorkerError,
+)
+from vlm_worker.engine.deltas import Batcher, Delta
+from vlm_worker.engine.protocol import EngineRequest, ModelInfo
+
+log = logging.getLogger("vlm_worker.engine.vllm_engine")
+
+
+class VllmEngine:
+    """``AsyncLLM`` running on its own event loop thread."""
+
+    def __init__(
+        self, llm: Any, info: ModelInfo, loop: asyncio.AbstractEventLoop, thread: threading.Thread
+    ) -> None:
+        self._llm = llm
+        self.info = info
+        self._loop = loop
+        self._thread = thread
+        self._closed = False
+
+    # ---------------------------------------------------------------- start / stop
+    @classmethod
+    def start(
+        cls,
+        engine_kwargs: dict[str, Any],
+        info_factory: Callable[[Any], ModelInfo],
+        on_start: Callable[[Any, asyncio.AbstractEventLoop], None] | None = None,
+    ) -> VllmEngine:
+        """Create the engine on a fresh loop thread; raise if the model cannot load.
+
+        ``on_start(llm, loop)`` sees the ``AsyncLLM`` and its loop once both are up
+        (``PipelineHooks.engine_started``); nothing else gets them.
+        """
+        loop = asyncio.new_event_loop()
+        ready: threading.Event = threading.Event()
+        thread = threading.Thread(
+            target=_run_loop, args=(loop, ready), name="vllm-engine-loop", daemon=True
+        )
+        thread.start()
+        ready.wait()
+
+        async def create() -> Any:
+            from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+            return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_kwargs))
+
+        try:
+            llm = asyncio.run_coroutine_threadsafe(create(), loop).result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            raise
+        try:
+            info = info_factory(llm)
+        except BaseException:
+            engine = cls(llm, None, loop, thread)  # type: ignore[arg-type]
+            engine.shutdown()
+            raise
+        engine = cls(llm, info, loop, thread)
+        if on_start is not None:
+            on_start(llm, loop)
+        return engine
+
+    def shutdown(self) -> None:
+        """Stop the engine core process and the loop thread; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop() -> None:
+            self._llm.shutdown()
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=60)
+        except Exception as exc:  # a dead engine may fail to shut down cleanly
+            log.warning("engine shutdown raised %s", type(exc).__name__)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------- state
+    @property
+    def dead(self) -> bool:
+        return bool(self._llm.errored) or self._closed
+
+    async def num_unfinished(self) -> int:
+        """Requests vLLM still tracks: zero once every job has ended, however it ended."""
+        fut = asyncio.run_coroutine_threadsafe(self._unfinished(), self._loop)
+        return await asyncio.wrap_future(fut)
+
+    async def _unfinished(self) -> int:
+        return num_unfinished_requests(self._llm)
+
+    # --------------------------------------------------------------- generate
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Delta]:
+        """Deltas for one request; closing or cancelling this iterator aborts it in vLLM."""
+        if self.dead:
+            raise EngineDead("the engine has stopped; this worker is restarting")
+        params = _sampling_params(request.sampling)
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        put = queue.put_nowait
+        prompt: dict[str, Any] = {"prompt": request.prompt}
+        if request.prompt_token_ids is not None:
+            prompt["prompt_token_ids"] = request.prompt_token_ids
+        if request.images:
+            single = len(request.images) == 1
+            prompt["multi_modal_data"] = {"image": request.images[0] if single else request.images}
+            if request.image_ids:
+                ids = request.image_ids
+                prompt["multi_modal_uuids"] = {"image": ids[0] if single else ids}
+        if request.mm_processor_kwargs:
+            prompt["mm_processor_kwargs"] = request.mm_processor_kwargs
+
+        async def pump() -> None:
+            batcher = Batcher(request.batch)
+            try:
+                finished = False
+                async for out in self._llm.generate(prompt, params, request.request_id):
+                    batch = batcher.add(_delta(out))
+                    if batch is not None:
+                        finished = batch.finished
+                        caller.call_soon_threadsafe(put, batch)
+                if not finished:
+                    # vLLM ended the stream without a finished output: end ours too, so
+                    # the reader never waits for a delta that will not come.
+                    last = batcher.flush() or Delta()
+                    last.finished, last.finish_reason = True, last.finish_reason or "abort"
+                    caller.call_soon_threadsafe(put, last)
+            except BaseException as exc:  # delivered to the reader, which re-raises ours
+                caller.call_soon_threadsafe(put, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                while not isinstance(item, BaseException) and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        yield item
+                        item = nxt
+                        break
+                    item.merge(nxt)
+                if isinstance(item, BaseException):
+                    raise _translate(item)
+                finished = item.finished
+                yield item
+        finally:
+            if not future.done():
+                future.cancel()  # CancelledError inside AsyncLLM.generate aborts the request
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+    asyncio.set_event_loop(loop)
+    loop.call_soon(ready.set)
+    loop.run_forever()
+
+
+def _sampling_params(values: dict[str, Any]) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return SamplingParams(**values, output_kind=RequestOutputKind.DELTA)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(
+            f"sampling parameters rejected by the engine: {exc}", field="sampling_params"
+        ) from exc
+
+
+def _delta(out: Any) -> Delta:
+    completion = out.outputs[0] if out.outputs else None
+    tokens = len(completion.token_ids) if completion is not None else 0
+    return Delta(
+        text=completion.text if completion is not None else "",
+        tokens=tokens,
+        prompt_tokens=len(out.prompt_token_ids) if out.prompt_token_ids is not None else None,
+        finished=bool(out.finished),
+        finish_reason=completion.finish_reason if completion is not None else None,
+        stop_reason=completion.stop_reason if completion is not None else None,
+        first_token_at=time.perf_counter() if tokens else None,
+    )
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """vLLM's exceptions as ours, at this one boundary (cancellation passes through)."""
+    if isinstance(exc, (WorkerError, asyncio.CancelledError)):
+        return exc
+    EngineDeadError, EngineGenerateError = engine_exception_types()
+    if isinstance(exc, EngineDeadError):
+        err: WorkerError = EngineDead("the engine died while generating; the worker is restarting")
+    elif isinstance(exc, EngineGenerateError):
+        err = EngineError(f"the engine failed this request: {exc}")
+    elif isinstance(exc, ValueError):
+        if is_prompt_too_long(exc):
+            err = PromptTooLong(str(exc), field="messages")
+        else:
+            err = InvalidInput(f"the engine rejected this request: {exc}")
+    else:
+        err = EngineError(f"the engine failed this request ({type(exc).__name__}: {exc})")
+    err.__cause__ = exc
+    return err

@@ -1,0 +1,1 @@
+"""One job from input to chunks: the runner, the image pool and its /dev/shm transport, hooks."""

@@ -1,0 +1,368 @@
+"""One job, from raw input to streamed chunks: validate, load images, render, generate.
+
+Every failure becomes one ``{"error": {...}}`` chunk (the stream's last), raised as a
+``WorkerError`` somewhere below and turned into the client shape here only. Cancellation
+is not a failure: it propagates, and the engine iterator's ``finally`` aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlm_worker.config.settings import WorkerSettings
+from vlm_worker.contract.errors import (
+    InvalidInput,
+    JobTimeout,
+    WorkerError,
+    error_chunk,
+    internal_error,
+)
+from vlm_worker.contract.job_schema import Job, parse_job
+from vlm_worker.engine.deltas import FINAL_ONLY, BatchPolicy, Delta
+from vlm_worker.engine.protocol import Engine, EngineRequest
+from vlm_worker.media.fetch import FetchLimits, ImageFetcher
+from vlm_worker.media.geometry import ImageGeometry
+from vlm_worker.media.images import ImageLimits, PreparedImage, is_url
+from vlm_worker.pipeline.hooks import NO_HOOKS, PipelineHooks
+from vlm_worker.pipeline.image_pool import ImagePool
+from vlm_worker.prompt import grounding
+from vlm_worker.prompt.chat import check_length, normalize_placeholders, render, template_messages
+
+log = logging.getLogger("vlm_worker.pipeline.runner")
+
+
+class Deadline:
+    """JOB_TIMEOUT for a whole job: preparation and every wait for the next chunk.
+
+    Cancelling the pending step (what ``wait_for`` does on expiry) closes the engine
+    iterator, which aborts the request in vLLM; the client gets a ``timeout`` error.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def _left(self) -> float | None:
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def _expired(self) -> JobTimeout:
+        return JobTimeout(f"the job ran longer than JOB_TIMEOUT={self.seconds:g}s and was aborted")
+
+    async def run(self, awaitable: Any) -> Any:
+        try:
+            return await asyncio.wait_for(awaitable, self._left())
+        except asyncio.TimeoutError:
+            raise self._expired() from None
+
+    async def iterate(self, source: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        if self.end is None:
+            async for item in source:
+                yield item
+            return
+        iterator = source.__aiter__()
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(iterator.__anext__(), self._left())
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise self._expired() from None
+                yield item
+        finally:
+            await iterator.aclose()  # type: ignore[attr-defined]
+
+
+@dataclass
+class Prepared:
+    """A validated job, ready for the engine."""
+
+    job: Job
+    prompt: str
+    images: list[PreparedImage]
+    prompt_tokens: int
+    sampling: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    mm_processor_kwargs: dict[str, Any] | None = None
+    #: The prompt text's token ids (one per image placeholder), tokenized in our thread
+    #: pool so that vLLM's event loop need not.
+    prompt_token_ids: list[int] | None = None
+
+
+@dataclass
+class Clock:
+    start: float = field(default_factory=time.perf_counter)
+    ready: float | None = None
+    first_token: float | None = None
+    end: float | None = None
+
+    def timings(self, completion_tokens: int) -> dict[str, float | None]:
+        end = self.end or time.perf_counter()
+        ready = self.ready or end
+        gen_s = end - ready
+
+        def ms(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round((b - a) * 1000, 2)
+
+        return {
+            "preprocess_ms": ms(self.start, self.ready),
+            "time_to_first_token_ms": ms(self.start, self.first_token),
+            "generation_ms": ms(ready, end),
+            "total_ms": ms(self.start, end),
+            "tokens_per_second": round(completion_tokens / gen_s, 2) if gen_s > 0 else None,
+        }
+
+
+class JobRunner:
+    """Runs jobs against one engine; shared by every concurrent job of the worker."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: WorkerSettings,
+        *,
+        executor: Executor | None = None,
+        images: ImagePool | None = None,
+        fetcher: ImageFetcher | None = None,
+        on_fatal: Callable[[WorkerError], None] | None = None,
+        hooks: PipelineHooks = NO_HOOKS,
+    ) -> None:
+        self.engine = engine
+        self.hooks = hooks
+        self.settings = settings
+        self.executor = executor
+        self.images = images or ImagePool(processes=0, threads=executor, hooks=hooks)
+        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_source_pixels)
+        self.fetcher = fetcher or ImageFetcher(FetchLimits.from_settings(settings))
+        self.on_fatal = on_fatal
+        self.policy = BatchPolicy(
+            settings.default_min_batch_size,
+            settings.default_batch_size,
+            settings.default_batch_size_growth_factor,
+        )
+        self.in_flight = 0  # jobs in ``run``
+        self.preparing = 0  # calls in ``prepare`` (a job's first stage, or a direct call)
+        self._chat_template = settings.chat_template_text()
+        self.grounding_bounds = grounding.grounding_bounds(
+            engine.info.geometry,
+            settings.grounding_min_pixels,
+            settings.grounding_max_pixels,
+            engine.info.max_image_tokens,
+        )
+        if self.grounding_bounds.note:
+            log.warning(self.grounding_bounds.note)
+
+    async def run(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The runpod handler body: an async generator of chunks for one job."""
+        job_id = str(job.get("id") or f"job-{uuid.uuid4().hex[:12]}")
+        clock = Clock()
+        self.in_flight += 1
+        deadline = Deadline(self.settings.job_timeout)
+        try:
+            prepared = await deadline.run(self.prepare(job.get("input"), job_id))
+            clock.ready = time.perf_counter()
+            log.info("job accepted", extra={"job_id": job_id, **_summary(prepared, clock)})
+            async for chunk in deadline.iterate(self.generate(job_id, prepared, clock)):
+                yield chunk
+        except WorkerError as err:
+            log.warning(
+                "job failed",
+                extra={
+                    "job_id": job_id,
+                    "error_type": err.type,
+                    "field": err.field,
+                    "error": err.message,
+                },
+            )
+            yield error_chunk(err)
+            if err.fatal and self.on_fatal is not None:
+                self.on_fatal(err)
+        except (asyncio.CancelledError, GeneratorExit):
+            log.info("job cancelled", extra={"job_id": job_id})
+            raise
+        except Exception as exc:
+            log.exception("job crashed", extra={"job_id": job_id})
+            yield error_chunk(internal_error(exc))
+        finally:
+            self.in_flight -= 1
+
+    # ----------------------------------------------------------------- stages
+    async def prepare(self, raw: Any, job_id: str) -> Prepared:
+        self.preparing += 1
+        try:
+            return await self._prepare(raw, job_id)
+        finally:
+            self.preparing -= 1
+
+    async def _prepare(self, raw: Any, job_id: str) -> Prepared:
+        loop = asyncio.get_running_loop()
+        # Validating a job walks all of it, a 4K image's 7 MB of base64 included: jobs that
+        # arrive together would each hold the loop, and every stream's next chunk behind it,
+        # for as long; in a thread, the loop runs between them.
+        job = await loop.run_in_executor(self.executor, parse_job, raw)
+        sources = job.image_sources()
+        limit = self.settings.max_images_per_job
+        if len(sources) > limit:
+            raise InvalidInput(
+                f"the job has {len(sources)} images; MAX_IMAGES_PER_JOB is {limit}",
+                field=sources[limit][0],
+            )
+        # A grounding job's image is resized with GTA1's bounds, and vLLM's processor is
+        # told the same ones, so the size its prompt states is the size the model sees.
+        bounds = self.grounding_bounds if job.task == "grounding" else None
+        geometry = bounds.geometry if bounds else None
+        image_work = [self._image(f, s, geometry) for f, s in sources]
+        if job.task == "grounding":  # its prompt states the resized size: images first
+            images = list(await asyncio.gather(*image_work))
+            text, ids = await loop.run_in_executor(self.executor, self._render, job, images)
+        else:  # the template does not need the pixels: render while they are decoded
+            rendering = loop.run_in_executor(self.executor, self._render, job, [])
+            results = await asyncio.gather(*image_work, rendering, return_exceptions=True)
+            for result in results:  # an image's error first, as when they ran in turn
+                if isinstance(result, BaseException):
+                    raise result
+            *images, (text, ids) = results
+        tokens = self._prompt_tokens(len(ids), images)
+        sampling, warnings = self._sampling(job, tokens)
+        mm_kwargs = bounds.processor_kwargs() if bounds else None
+        return Prepared(job, text, images, tokens, sampling, warnings, mm_kwargs, ids)
+
+    async def _image(
+        self, field: str, source: str, geometry: ImageGeometry | None = None
+    ) -> PreparedImage:
+        info = self.engine.info
+        fetched = await self.fetcher.fetch(source, field) if is_url(source) else None
+        alone = self.in_flight <= 1 and self.preparing <= 1
+        started = time.perf_counter()
+        image = await self.images.prepare(
+            fetched if fetched is not None else source,
+            field=field,
+            geometry=geometry or info.geometry,
+            processor=info.image_processor,
+            limits=self.limits,
+            alone=alone,
+        )
+        self.hooks.image_prepared(started, time.perf_counter(), image, alone)
+        return image
+
+    def _render(self, job: Job, images: list[PreparedImage]) -> tuple[str, list[int]]:
+        """The prompt text and its token ids, one per image placeholder."""
+        started = time.perf_counter()
+        info = self.engine.info
+        text = render(info.templater, self._messages(job, images), self._chat_template)
+        n_images = len(job.image_sources())
+        text = normalize_placeholders(text, n_images, info.placeholder, info.image_token)
+        ids = info.text_token_ids(text)
+        self.hooks.prompt_rendered(time.perf_counter() - started)
+        return text, ids
+
+    def _prompt_tokens(self, text_tokens: int, images: list[PreparedImage]) -> int:
+        """What vLLM will count: each placeholder expands to the resized image's tokens."""
+        info = self.engine.info
+        image_tokens = sum(
+            info.geometry.image_tokens(h, w) for (w, h) in (img.resized_size for img in images)
+        )
+        tokens = text_tokens - len(images) + image_tokens
+        check_length(tokens, info.max_model_len)
+        return tokens
+
+    @staticmethod
+    def _messages(job: Job, images: list[PreparedImage]) -> list[dict[str, Any]]:
+        """Template messages; a grounding job's system prompt states its image's resized size."""
+        if job.task != "grounding":
+            return template_messages(job.messages or [])
+        system = grounding.system_prompt(images[0].resized_size, job.system_prompt)
+        if job.messages is None:
+            return grounding.grounding_messages(system, job.instruction or "")
+        return [{"role": "system", "content": system}, *template_messages(job.messages)]
+
+    def _sampling(self, job: Job, prompt_tokens: int) -> tuple[dict[str, Any], list[str]]:
+        info = self.engine.info
+        values: dict[str, Any] = {**info.default_sampling, **job.sampling_params.set_values()}
+        values.setdefault("max_tokens", self.settings.default_max_tokens)
+        warnings: list[str] = []
+        room = info.max_model_len - prompt_tokens
+        if values["max_tokens"] > room:
+            warnings.append(
+                f"max_tokens {values['max_tokens']} lowered to {room}: the prompt uses "
+                f"{prompt_tokens} of MAX_MODEL_LEN={info.max_model_len} tokens"
+            )
+            values["max_tokens"] = room
+        if values.get("min_tokens", 0) > values["max_tokens"]:
+            raise InvalidInput(
+                f"min_tokens {values['min_tokens']} is above max_tokens {values['max_tokens']}",
+                field="sampling_params.min_tokens",
+            )
+        return values, warnings
+
+    async def generate(
+        self, job_id: str, prepared: Prepared, clock: Clock
+    ) -> AsyncIterator[dict[str, Any]]:
+        request = EngineRequest(
+            request_id=job_id,
+            prompt=prepared.prompt,
+            images=[img.image for img in prepared.images],
+            image_ids=[img.content_id for img in prepared.images],
+            prompt_token_ids=prepared.prompt_token_ids,
+            sampling=prepared.sampling,
+            mm_processor_kwargs=prepared.mm_processor_kwargs,
+            batch=self.policy if prepared.job.stream else FINAL_ONLY,
+        )
+        total = Delta()
+        stream = prepared.job.stream
+        async for delta in self.engine.generate(request):
+            if clock.first_token is None and delta.first_token_at is not None:
+                clock.first_token = delta.first_token_at
+            total.merge(delta)
+            if stream and not delta.finished and delta.text:
+                yield {"text": delta.text}
+            elif delta.finished:
+                clock.end = time.perf_counter()
+                text = delta.text if stream else total.text
+                yield self._final(job_id, text, total, prepared, clock)
+
+    def _final(
+        self, job_id: str, text: str, total: Delta, prepared: Prepared, clock: Clock
+    ) -> dict[str, Any]:
+        prompt_tokens = (
+            total.prompt_tokens if total.prompt_tokens is not None else prepared.prompt_tokens
+        )
+        chunk: dict[str, Any] = {
+            "text": text,
+            "finish_reason": total.finish_reason,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": total.tokens,
+                "total_tokens": prompt_tokens + total.tokens,
+            },
+            "timings": clock.timings(total.tokens),
+            "images": [img.describe() for img in prepared.images],
+            "model": self.engine.info.name,
+        }
+        if prepared.job.task == "grounding":
+            image = prepared.images[0]
+            chunk["grounding"] = grounding.grounding_result(
+                total.text, image.original_size, image.resized_size, total.finish_reason
+            )
+        if total.stop_reason is not None:
+            chunk["stop_reason"] = total.stop_reason
+        if prepared.warnings:
+            chunk["warnings"] = prepared.warnings
+        log.info("job done", extra={"job_id": job_id, **chunk["usage"], **chunk["timings"]})
+        return chunk
+
+
+def _summary(prepared: Prepared, clock: Clock) -> dict[str, Any]:
+    return {
+        "images": [repr(img) for img in prepared.images],
+        "prompt_tokens": prepared.prompt_tokens,
+        "max_tokens": prepared.sampling.get("max_tokens"),
+        "preprocess_ms": round(((clock.ready or clock.start) - clock.start) * 1000, 2),
+    }

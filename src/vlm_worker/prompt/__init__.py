@@ -1,0 +1,1 @@
+"""The prompt: chat templates, image placeholders, and grounding prompts and answers."""

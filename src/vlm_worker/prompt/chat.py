@@ -1,0 +1,89 @@
+"""Chat messages to the prompt text the engine gets, with one placeholder per image.
+
+The model's own chat template does the rendering (through the processor or tokenizer's
+``apply_chat_template``); this module only adapts the input and checks the output, so
+templates with quirks fail here with a clear message instead of deep inside vLLM.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from vlm_worker.contract.errors import PromptError, PromptTooLong
+from vlm_worker.contract.job_schema import ImagePart, ImageURLPart, Message, TextPart
+
+#: OpenCUA / GTA1-family templates wrap each image in these markers instead of the
+#: placeholder the vLLM model class expects.
+MEDIA_SPAN = re.compile(r"<\|media_begin\|>.*?<\|media_end\|>", re.S)
+
+
+class ChatTemplater(Protocol):
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Messages in the shape HF chat templates expect: images become ``{"type": "image"}``."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if isinstance(message.content, str):
+            out.append({"role": message.role, "content": message.content})
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            elif isinstance(part, (ImageURLPart, ImagePart)):
+                parts.append({"type": "image"})
+        out.append({"role": message.role, "content": parts})
+    return out
+
+
+def render(
+    templater: ChatTemplater,
+    messages: list[dict[str, Any]],
+    chat_template: str | None = None,
+) -> str:
+    """Render with the model's template; a final assistant message is continued, not closed."""
+    continue_final = bool(messages) and messages[-1]["role"] == "assistant"
+    try:
+        text = templater.apply_chat_template(
+            messages,
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+        )
+    except Exception as exc:  # jinja2 errors, templates raising on role order, ...
+        raise PromptError(f"the chat template could not render these messages: {exc}") from exc
+    if not isinstance(text, str):
+        raise PromptError(f"the chat template returned {type(text).__name__}, not text")
+    return text
+
+
+def normalize_placeholders(text: str, n_images: int, placeholder: str, image_token: str) -> str:
+    """Rewrite media-marker spans to the model's placeholder, then insist on one per image.
+
+    A template that drops an image part, or a text part that smuggles in the image token,
+    would otherwise become an opaque vLLM error (or a silently wrong prompt).
+    """
+    text = MEDIA_SPAN.sub(lambda _: placeholder, text)
+    found = text.count(image_token)
+    if found != n_images:
+        raise PromptError(
+            f"the rendered prompt holds {found} image placeholder(s) ({image_token}) for "
+            f"{n_images} image(s); the chat template or a text part does not match the images",
+            field="messages",
+        )
+    return text
+
+
+def check_length(prompt_tokens: int, max_model_len: int) -> None:
+    """Refuse a prompt that leaves no room to generate, with the numbers that decide it."""
+    if prompt_tokens >= max_model_len:
+        raise PromptTooLong(
+            f"the prompt is {prompt_tokens} tokens (text and image) but the model's context "
+            f"is {max_model_len} (MAX_MODEL_LEN); shorten the text or lower IMAGE_MAX_PIXELS",
+            field="messages",
+        )

@@ -1,0 +1,195 @@
+"""The benchmark's support pieces: the 7B-shaped model folder and the results files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from benchmarks.bench import markdown, pooled, pooled_markdown, screenshot_png
+from tools.shaped_model import build_shaped_model
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def test_shaped_model_has_real_dimensions_and_token_ids(tmp_path):
+    from transformers import AutoConfig, AutoProcessor
+
+    out = build_shaped_model(tmp_path / "q7b")
+    config = AutoConfig.from_pretrained(out)
+    assert config.architectures == ["Qwen2_5_VLForConditionalGeneration"]
+    assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (3584, 28)
+    assert config.vision_config.depth == 32 and config.image_token_id == 151655
+    tokenizer = AutoProcessor.from_pretrained(out).tokenizer
+    assert len(tokenizer) == 152064
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+    # every id a random model can sample decodes
+    assert tokenizer.decode([0, 151700, 152063])
+
+
+def test_committed_results_render_and_hold_the_measurements():
+    files = sorted(f for f in RESULTS.glob("*.json") if not f.name.endswith(".partial.json"))
+    assert {f.stem.split("-")[-1] for f in files} >= {"cpu", "gpu"}
+    full = 0
+    for f in files:
+        results = json.loads(f.read_text())
+        assert [r["concurrency"] for r in results["throughput"]] == [1, 8, 32]
+        table = markdown(results)
+        assert "| 32 |" in table and results["device"] in table
+        if "preprocessing" not in results:  # an --only-throughput run: no plot
+            continue
+        full += 1
+        assert all(p["resized_pixels_identical_to_processor"] for p in results["preprocessing"])
+        assert "| 3840x2160 PNG" in table
+        assert f.with_suffix(".png").exists()
+    assert full >= 2
+
+
+def test_committed_paired_ratios_follow_from_the_runs_they_pair():
+    """The paired and pace-free ratios are recomputable from each file's own runs, and
+    the targets say what those numbers say."""
+    checked = 0
+    for f in RESULTS.glob("*.json"):
+        results = json.loads(f.read_text())
+        gaps = results.get("stream_gaps", {})
+        if "ratio_paired_median" not in gaps:  # files from before these were measured
+            continue
+        checked += 1
+        runs = gaps["all_runs_ms"]
+        assert len(runs["alone"]) == len(runs["preprocessing"]) == gaps["reps"]
+        paired = statistics.median(
+            p / a for a, p in zip(runs["alone"], runs["preprocessing"], strict=True)
+        )
+        assert gaps["ratio_paired_median"] == pytest.approx(paired, abs=0.005)
+        assert gaps["ratio"] == pytest.approx(
+            statistics.median(runs["preprocessing"]) / statistics.median(runs["alone"]), abs=0.005
+        )
+        assert results["targets"]["stream_gap_paired_ratio_le_1.2"] == (
+            gaps["ratio_paired_median"] <= 1.2
+        )
+        for row in results["preprocessing"]:
+            handler, bare = zip(*row["e2e_pairs_ms"], strict=True)
+            assert row["e2e_prefixed_resize_ms"] == pytest.approx(
+                statistics.median(handler), abs=0.1
+            )
+            assert row["e2e_full_size_to_vllm_ms"] == pytest.approx(
+                statistics.median(bare), abs=0.1
+            )
+            ratio = statistics.median(h / b for h, b in row["e2e_pairs_ms"])
+            assert row["e2e_ratio_paired_median"] == pytest.approx(ratio, abs=0.005)
+        four_k = results["preprocessing"][0]
+        assert results["targets"]["prefixed_resize_faster_for_4k_single_paired"] == (
+            four_k["e2e_ratio_paired_median"] < 1.0
+        )
+    assert checked >= 3  # the CPU run and the two H100 runs
+
+
+def run_of(pairs: list[tuple[float, float, float, float]], concurrency: int = 8) -> dict:
+    """A results file's throughput section: (handler tok/s, bare tok/s, handler TTFT p50,
+    bare TTFT p50) per round pair."""
+    return {
+        "throughput": [
+            {
+                "concurrency": concurrency,
+                "all_runs": {
+                    "handler": [{"tokens_per_s": h, "ttft_p50_ms": ht} for h, _, ht, _ in pairs],
+                    "bare": [{"tokens_per_s": b, "ttft_p50_ms": bt} for _, b, _, bt in pairs],
+                },
+            }
+        ]
+    }
+
+
+def test_pooled_intervals_say_met_missed_or_cannot_tell():
+    steady = [(1000.0 + i, 1000.0, 300.0 + i % 2, 300.0) for i in range(8)]
+    (met,) = pooled([run_of(steady)])
+    assert met["pairs"] == 8 and met["tokens_per_s_target"] == "met"
+    assert met["added_ttft_target"] == "met"
+    low, high = met["tokens_per_s_ratio_ci95"]
+    assert low <= met["tokens_per_s_ratio"] <= high and low >= 0.98
+
+    slow = [(900.0 + i, 1000.0, 340.0 + i, 300.0) for i in range(8)]
+    (missed,) = pooled([run_of(slow)])
+    assert missed["tokens_per_s_target"] == "missed" and missed["added_ttft_target"] == "missed"
+    assert missed["added_ttft_p50_ms"] == pytest.approx(43.5)
+
+    noisy = [
+        (1000.0 * (1.1 if i % 2 else 0.9), 1000.0, 300.0 + (60 if i % 2 else -60), 300.0)
+        for i in range(8)
+    ]
+    (unsure,) = pooled([run_of(noisy)])
+    assert unsure["tokens_per_s_target"] == unsure["added_ttft_target"] == "unresolved"
+
+
+def test_pooling_runs_narrows_the_interval_and_few_pairs_give_no_verdict():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    runs = [
+        run_of([(1000.0 * rng.normal(1.0, 0.05), 1000.0, 300.0, 300.0) for _ in range(4)])
+        for _ in range(4)
+    ]
+    (one,) = pooled(runs[:1])
+    (four,) = pooled(runs)
+    assert one["tokens_per_s_target"] == "too few pairs" and four["pairs"] == 16
+
+    def width(p: dict) -> float:
+        return p["tokens_per_s_ratio_ci95"][1] - p["tokens_per_s_ratio_ci95"][0]
+
+    assert width(four) < width(one)
+    assert pooled(runs) == pooled(runs)  # a fixed seed: reruns agree
+
+
+def test_committed_gpu_runs_pool_into_a_table():
+    files = sorted(RESULTS.glob("2026-11-29-gpu-[bc]-*.json"))
+    assert len(files) == 4
+    table = pooled_markdown([json.loads(f.read_text()) for f in files], [f.stem for f in files])
+    assert table.count("| 16 |") == 3  # 4 rounds x 4 runs at each concurrency
+
+
+def test_screenshot_like_png_is_realistically_large():
+    assert len(screenshot_png(3840, 2160, 1)) > 3_000_000
+
+
+def test_preprocess_trace_splits_a_rounds_time(processor):
+    """--trace-preprocess: through the hooks the job path calls, the image work is timed
+    where it runs, the prompt's rendering beside it, and tracing stops on close."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.bench import BenchHooks, PreprocessTrace, data_uri
+
+    from support.fakes import ScriptedEngine, answer_script, scripted_info
+    from support.jobs import image_job
+    from vlm_worker.config.settings import load_worker_settings
+    from vlm_worker.pipeline.runner import JobRunner
+
+    hooks = BenchHooks()
+    hooks.trace = PreprocessTrace()
+    engine = ScriptedEngine(scripted_info(processor), answer_script("ok"))
+    runner = JobRunner(
+        engine, load_worker_settings({}), executor=ThreadPoolExecutor(2), hooks=hooks
+    )
+    uri = data_uri(screenshot_png(640, 360, 3))
+
+    async def job(n: int) -> None:
+        chunks = [c async for c in runner.run({"id": f"j{n}", "input": image_job(uri)})]
+        assert "error" not in chunks[-1]
+
+    async def rounds() -> None:
+        await job(0)  # alone: the worker prepares it in a thread, untraced
+        await asyncio.gather(job(1), job(2))
+
+    asyncio.run(rounds())
+    summary = hooks.trace.summary()
+    assert summary["images_traced"] == 2 and summary["images_alone"] == 1
+    assert summary["workers_used"] == 1  # threads: this process
+    assert 0 < summary["work_ms"]["p50"] < 5000 and summary["to_worker_ms"]["p50"] >= 0
+    assert len(hooks.trace.renders) == 0  # summary() starts the next round
+    assert summary["render_ms"]["max"] > 0 and len(summary["gc_collections"]) == 3
+    assert hooks.trace.summary()["images_traced"] == 0
+    assert hooks.image_function() is not None
+    hooks.trace.close()
+    hooks.trace = None
+    assert hooks.image_function() is None

@@ -1,0 +1,73 @@
+"""Stream batching: exact batch sizes from a scripted delta source."""
+
+from __future__ import annotations
+
+from vlm_worker.engine.deltas import FINAL_ONLY, Batcher, BatchPolicy, Delta
+
+
+async def batched(source, policy):
+    """What the engine's loop does with each delta it receives."""
+    batcher = Batcher(policy)
+    async for delta in source:
+        batch = batcher.add(delta)
+        if batch is not None:
+            yield batch
+    rest = batcher.flush()
+    if rest is not None:
+        yield rest
+
+
+async def deltas(n: int, per: int = 1):
+    for i in range(n):
+        yield Delta(
+            text="x" * per,
+            tokens=per,
+            finished=i == n - 1,
+            finish_reason="length" if i == n - 1 else None,
+        )
+
+
+async def sizes(source, policy):
+    return [d.tokens async for d in batched(source, policy)]
+
+
+async def test_batches_grow_geometrically_then_cap():
+    assert await sizes(deltas(120), BatchPolicy(1, 50, 3.0)) == [1, 3, 9, 27, 50, 30]
+
+
+async def test_growth_one_keeps_the_size():
+    assert await sizes(deltas(10), BatchPolicy(4, 50, 1.0)) == [4, 4, 2]
+
+
+async def test_multi_token_deltas_and_final_flush():
+    out = [d async for d in batched(deltas(5, per=4), BatchPolicy(1, 50, 3.0))]
+    assert [d.tokens for d in out] == [4, 4, 12]
+    assert out[-1].finished and out[-1].finish_reason == "length"
+    assert "".join(d.text for d in out) == "x" * 20
+
+
+async def test_growth_is_at_least_one_token():
+    assert await sizes(deltas(10), BatchPolicy(1, 3, 1.2)) == [1, 2, 3, 3, 1]
+
+
+async def test_final_only_sends_one_batch():
+    out = [d async for d in batched(deltas(40), FINAL_ONLY)]
+    assert [d.tokens for d in out] == [40] and out[0].finished
+
+
+async def test_no_policy_passes_every_delta():
+    assert await sizes(deltas(5), None) == [1, 1, 1, 1, 1]
+
+
+async def test_tokens_without_text_wait_for_the_one_that_completes_them():
+    """A character split over several tokens decodes to "" until its last piece: those
+    tokens join the next batch instead of making an empty one (the first visible text
+    would otherwise wait for the grown second batch)."""
+
+    async def source():
+        for text in ["", "", "é", "a", "b", "c", "", "d"]:
+            yield Delta(text=text, tokens=1)
+        yield Delta(text="!", tokens=1, finished=True, finish_reason="stop")
+
+    out = [(d.text, d.tokens) async for d in batched(source(), BatchPolicy(1, 50, 3.0))]
+    assert out == [("é", 3), ("abc", 3), ("d!", 3)]

@@ -1,0 +1,250 @@
+"""Failure paths the real engine cannot produce on demand, with a scripted engine.
+
+The job path, schema, images and templates are all real (the tiny model's processor);
+only the engine is replaced, behind the same narrow ``Engine`` interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from support.fakes import ScriptedEngine, scripted_info, tok
+from support.jobs import image_job, mm_kwargs
+from vlm_worker.config.settings import load_worker_settings
+from vlm_worker.contract.errors import EngineDead, EngineError, WorkerError
+from vlm_worker.engine.model_info import geometry_from
+from vlm_worker.engine.protocol import ModelInfo
+from vlm_worker.pipeline.runner import JobRunner
+
+
+@pytest.fixture
+def info(processor) -> ModelInfo:
+    return scripted_info(
+        processor, geometry=geometry_from(processor.image_processor, mm_kwargs({}))
+    )
+
+
+def runner_for(info, script, fatal=None, **env):
+    settings = load_worker_settings(env)
+    return JobRunner(ScriptedEngine(info, script), settings, on_fatal=fatal)
+
+
+async def run(runner, job_input):
+    return [c async for c in runner.run({"id": "j1", "input": job_input})]
+
+
+async def test_engine_death_after_first_chunk_ends_with_an_error_and_is_fatal(info):
+    fatal: list[WorkerError] = []
+    runner = runner_for(
+        info,
+        [
+            tok("a", prompt=10),
+            tok("b"),
+            tok("c"),
+            tok("d"),
+            EngineDead("the engine died while generating"),
+        ],
+        fatal.append,
+    )
+    chunks = await run(runner, image_job())
+    assert chunks[0] == {"text": "a"}
+    assert chunks[-1]["error"]["type"] == "engine_error"
+    assert "died" in chunks[-1]["error"]["message"]
+    assert len(fatal) == 1 and fatal[0].fatal
+    assert runner.in_flight == 0
+
+
+async def test_recoverable_engine_error_is_not_fatal(info):
+    fatal: list[WorkerError] = []
+    runner = runner_for(info, [EngineError("the engine failed this request: boom")], fatal.append)
+    (chunk,) = await run(runner, image_job())
+    assert chunk["error"] == {
+        "type": "engine_error",
+        "message": "the engine failed this request: boom",
+    }
+    assert fatal == []
+
+
+async def test_unexpected_exception_is_an_internal_error_without_details(info):
+    runner = runner_for(info, [tok("a", prompt=3), RuntimeError("secret /path/inside")])
+    chunks = await run(runner, image_job())
+    err = chunks[-1]["error"]
+    assert err["type"] == "internal" and "secret" not in err["message"]
+    assert "RuntimeError" in err["message"]
+    json.loads(str(chunks[-1]["error"]))
+
+
+async def test_bad_input_never_reaches_the_engine(info):
+    runner = runner_for(info, [tok("x", True, "stop")])
+    chunks = await run(runner, {"messages": [{"role": "user", "content": "x"}], "top_k": -5})
+    assert chunks[0]["error"]["field"] == "sampling_params.top_k"
+    assert runner.engine.requests == []
+
+
+async def test_request_carries_resized_image_prompt_and_sampling(info):
+    runner = runner_for(info, [tok("hi", True, "stop", prompt=50)], DEFAULT_MAX_TOKENS="77")
+    (final,) = await run(runner, image_job(temperature=0.5, stream=False))
+    (req,) = runner.engine.requests
+    assert req.request_id == "j1"
+    assert req.images[0].size == (308, 196)
+    assert req.prompt.count("<|image_pad|>") == 1 and "Describe the screen." in req.prompt
+    assert req.sampling == {"temperature": 0.5, "max_tokens": 77}
+    assert final["text"] == "hi" and final["finish_reason"] == "stop"
+    assert final["usage"] == {"prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51}
+
+
+async def test_model_generation_defaults_apply_unless_the_job_overrides(info):
+    from dataclasses import replace
+
+    info = replace(info, default_sampling={"temperature": 0.1, "top_p": 0.8})
+    runner = runner_for(info, [tok("x", True, "stop")])
+    await run(runner, image_job(top_p=0.5, stream=False))
+    assert runner.engine.requests[0].sampling == {
+        "temperature": 0.1,
+        "top_p": 0.5,
+        "max_tokens": 512,
+    }
+
+
+async def test_image_work_runs_off_the_event_loop(info):
+    """A ticker on the loop keeps ticking while a big image is decoded and resized."""
+    from support.jobs import data_uri, screenshot
+
+    runner = runner_for(info, [tok("x", True, "stop")], IMAGE_MAX_PIXELS="4000000")
+    big = data_uri(screenshot(3840, 2160))
+    gaps: list[float] = []
+
+    async def ticker(stop: asyncio.Event):
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    stop = asyncio.Event()
+    t = asyncio.create_task(ticker(stop))
+    await run(runner, image_job(big, stream=False))
+    stop.set()
+    await t
+    assert max(gaps) < 0.1, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
+
+
+async def test_jobs_are_validated_off_the_event_loop(info, monkeypatch):
+    """Validation walks the whole payload (7 MB for a 4K image): eight jobs validated on
+    the loop would hold every stream's next chunk behind all eight."""
+    import threading
+
+    from vlm_worker.pipeline import runner as job_module
+
+    threads: list[threading.Thread] = []
+    real = job_module.parse_job
+
+    def recording(raw):
+        threads.append(threading.current_thread())
+        return real(raw)
+
+    monkeypatch.setattr(job_module, "parse_job", recording)
+    runner = runner_for(info, [tok("x", True, "stop")])
+    chunks = await run(runner, image_job(stream=False))
+    assert chunks[-1]["text"] == "x"
+    assert threads and threading.current_thread() not in threads
+    # a bad job still fails with its own error, from the thread
+    bad = await run(runner_for(info, []), {"messages": "nope"})
+    assert bad[-1]["error"]["type"] == "invalid_input" and "messages" in bad[-1]["error"]["field"]
+
+
+async def test_engine_stream_that_ends_unfinished_still_ends_the_job():
+    """If vLLM's stream stops without a finished output, the reader is not left waiting."""
+    import threading
+    from types import SimpleNamespace
+
+    from vlm_worker.engine.protocol import EngineRequest
+    from vlm_worker.engine.vllm_engine import VllmEngine, _run_loop
+
+    class StoppingLLM:
+        errored = False
+
+        async def generate(self, prompt, params, request_id):
+            yield SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(text="hi", token_ids=[1], finish_reason=None, stop_reason=None)
+                ],
+                prompt_token_ids=[1, 2, 3],
+                finished=False,
+            )
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    thread = threading.Thread(target=_run_loop, args=(loop, ready), daemon=True)
+    thread.start()
+    ready.wait()
+    engine = VllmEngine(StoppingLLM(), None, loop, thread)
+    request = EngineRequest(request_id="r", prompt="p", images=[], sampling={"max_tokens": 5})
+
+    async def collect_all():
+        return [d async for d in engine.generate(request)]
+
+    try:
+        deltas = await asyncio.wait_for(collect_all(), 10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert deltas[-1].finished and deltas[-1].finish_reason == "abort"
+    assert "".join(d.text for d in deltas) == "hi"
+
+
+async def test_request_carries_token_ids_and_content_ids(info):
+    """vLLM gets the prompt tokenized and each image's content id, so its event loop
+    neither tokenizes nor hashes pixels."""
+    runner = runner_for(info, [tok("hi", True, "stop")])
+    await run(runner, image_job(stream=False))
+    (req,) = runner.engine.requests
+    assert req.prompt_token_ids == info.text_token_ids(req.prompt)
+    assert req.prompt_token_ids.count(info.tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 1
+    (image_id,) = req.image_ids
+    assert image_id.endswith("-308x196") and len(image_id.split("-")[0]) == 64
+
+
+async def test_only_a_job_running_alone_has_its_image_prepared_in_a_thread(info):
+    """The image of a job with company goes to the worker processes (when there are any)."""
+    from vlm_worker.pipeline.image_pool import ImagePool
+
+    seen: list[bool] = []
+
+    class Recording(ImagePool):
+        async def prepare(self, *args, alone: bool = False, **kwargs):
+            seen.append(alone)
+            await asyncio.sleep(0.05)  # the jobs overlap
+            return await super().prepare(*args, alone=alone, **kwargs)
+
+    runner = runner_for(info, [tok("x", True, "stop")])
+    runner.images = Recording(processes=0, threads=None)
+    await run(runner, image_job(stream=False))
+    assert seen == [True]
+    seen.clear()
+    await asyncio.gather(*(run(runner, image_job(stream=False)) for _ in range(3)))
+    assert seen == [False, False, False]
+
+
+async def test_preparations_outside_jobs_count_as_company(info):
+    """``prepare`` called directly (the benchmark does) beside a running job is not alone."""
+    from vlm_worker.pipeline.image_pool import ImagePool
+
+    seen: list[bool] = []
+
+    class Recording(ImagePool):
+        async def prepare(self, *args, alone: bool = False, **kwargs):
+            seen.append(alone)
+            await asyncio.sleep(0.05)
+            return await super().prepare(*args, alone=alone, **kwargs)
+
+    runner = runner_for(info, [tok("x", True, "stop")])
+    runner.images = Recording(processes=0, threads=None)
+    await asyncio.gather(*(runner.prepare(image_job(), f"p{i}") for i in range(2)))
+    assert seen == [False, False]
+    assert runner.preparing == 0

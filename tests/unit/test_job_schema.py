@@ -1,0 +1,168 @@
+"""The job schema: accepted shapes, and errors that name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlm_worker.contract.errors import InvalidInput, error_chunk
+from vlm_worker.contract.job_schema import ImagePart, ImageURLPart, parse_job
+
+IMG = "data:image/png;base64,iVBORw0KGgo="
+
+
+def user(*parts):
+    return {"role": "user", "content": list(parts)}
+
+
+def test_string_and_part_content_and_image_forms():
+    job = parse_job(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                user(
+                    {"type": "text", "text": "hi"},
+                    {"type": "image_url", "image_url": {"url": IMG, "detail": "high"}},
+                    {"type": "image_url", "image_url": "https://example.com/a.png"},
+                    {"type": "image", "image": "aGVsbG8="},
+                ),
+            ]
+        }
+    )
+    parts = job.messages[1].content
+    assert isinstance(parts[1], ImageURLPart) and parts[1].source == IMG
+    assert parts[2].source == "https://example.com/a.png"
+    assert isinstance(parts[3], ImagePart)
+    assert [f for f, _ in job.image_sources()] == [
+        "messages[1].content[1].image_url.url",
+        "messages[1].content[2].image_url.url",
+        "messages[1].content[3].image",
+    ]
+    assert job.stream is True
+
+
+def test_sampling_flat_nested_and_alias():
+    flat = parse_job(
+        {
+            "messages": [user({"type": "text", "text": "x"})],
+            "max_new_tokens": 7,
+            "temperature": 0,
+            "stop": "END",
+        }
+    )
+    assert flat.sampling_params.set_values() == {
+        "max_tokens": 7,
+        "temperature": 0.0,
+        "stop": ["END"],
+    }
+    nested = parse_job(
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "sampling_params": {"max_tokens": 3, "top_k": 5, "seed": 1},
+            "stream": False,
+        }
+    )
+    assert nested.sampling_params.set_values() == {"max_tokens": 3, "top_k": 5, "seed": 1}
+    assert nested.stream is False
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "words"),
+    [
+        ({}, "messages", "Field required"),
+        ({"messages": []}, "messages", "at least 1"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "'system'"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "Field required"),
+        ({"messages": [user({"type": "video", "video": "x"})]}, "messages[0].content[0]", "type"),
+        ({"messages": [user({"type": "text"})]}, "messages[0].content[0].text", "Field required"),
+        (
+            {"messages": [user({"type": "text", "text": 5})]},
+            "messages[0].content[0].text",
+            "string",
+        ),
+        (
+            {"messages": [user({"type": "image_url", "image_url": {}})]},
+            "messages[0].content[0].image_url.url",
+            "Field required",
+        ),
+        (
+            {"messages": [user({"type": "image", "image": ""})]},
+            "messages[0].content[0].image",
+            "at least 1",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "colour": 1}, "colour", "unknown field"),
+        (
+            {"messages": [{"role": "user", "content": "x", "name": "a"}]},
+            "messages[0].name",
+            "unknown field",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            "sampling_params.max_tokens",
+            "greater than or equal to 1",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "temperature": -1},
+            "sampling_params.temperature",
+            "greater than or equal to 0",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "top_p": 1.5},
+            "sampling_params.top_p",
+            "less than or equal to 1",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "stop": [""]},
+            "sampling_params.stop",
+            "must not be empty",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 17},
+            "sampling_params.stop",
+            "at most 16",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 5,
+                "sampling_params": {"max_tokens": 6},
+            },
+            "input",
+            "both at the top level",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "sampling_params": {"temp": 1}},
+            "sampling_params.temp",
+            "unknown field",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "stream": "yes please"},
+            "stream",
+            "boolean",
+        ),
+        ({"messages": "hello"}, "messages", "list"),
+    ],
+)
+def test_bad_input_names_the_field(data, field, words):
+    with pytest.raises(InvalidInput) as info:
+        parse_job(data)
+    err = info.value
+    assert err.field == field, err.message
+    assert words in err.message
+    assert err.message.startswith(field)
+
+
+@pytest.mark.parametrize("data", [None, [], "text", 3])
+def test_input_must_be_an_object(data):
+    with pytest.raises(InvalidInput, match="input must be a JSON object"):
+        parse_job(data)
+
+
+def test_error_shape_is_json_even_through_str():
+    """The runpod SDK reports a failed stream as str(output['error']): keep it parseable."""
+    chunk = error_chunk(InvalidInput("messages: bad", field="messages"))
+    assert chunk == {
+        "error": {"type": "invalid_input", "message": "messages: bad", "field": "messages"}
+    }
+    assert json.loads(str(chunk["error"])) == chunk["error"]

@@ -1,0 +1,1 @@
+"""Tools beside the worker: file generators and model builders. Not in the Docker image."""
