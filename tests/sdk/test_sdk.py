@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.jobs import image_job
-from support.server import start_api_server
+from support.server import clean_env, start_api_server
 from vlm_worker.serving.local_run import local_job
 from vlm_worker.serving.main import parse_args
 
@@ -112,7 +112,9 @@ def _post(url: str, body: dict, timeout: float = 120) -> dict:
 def api_server(tiny_model):
     # Images in a worker process (the default from 4 cores up), so the real entry point
     # runs that path and the SIGTERM check below covers its processes too.
-    proc, base = start_api_server({**worker_env(), "PREPROCESS_PROCESSES": "1"})
+    # None of the Makefile's variables either: `python handler.py --rp_serve_api` as the
+    # README writes it, with the worker's own CPU defaults.
+    proc, base = start_api_server(clean_env(PREPROCESS_PROCESSES="1"))
     yield base
     import psutil
 

@@ -18,6 +18,7 @@ from vlm_worker.config.model_source import (
     go_offline,
     hub_cache_lookup,
     hub_offline,
+    on_runpod,
     read_manifest,
     resolve,
     served_settings,
@@ -25,6 +26,7 @@ from vlm_worker.config.model_source import (
     use_source,
 )
 from vlm_worker.config.settings import load_worker_settings
+from vlm_worker.contract.errors import ConfigError
 
 
 def make_snapshot(path: Path, shards: int = 0) -> Path:
@@ -315,3 +317,18 @@ def test_engine_spec_reads_the_baked_snapshot(tiny_model, tmp_path):
     spec = engine_spec({"HF_HUB_OFFLINE": "1"}, settings, source)
     assert spec.kwargs["model"] == str(folder.resolve())
     assert spec.kwargs["max_model_len"] == 2048
+
+
+@pytest.mark.parametrize("marker", ["RUNPOD_WEBHOOK_GET_JOB", "RUNPOD_POD_ID"])
+def test_on_runpod_an_unset_model_name_is_a_config_error_not_the_tiny_model(marker, tmp_path):
+    """On RunPod the tiny model would answer every caller with gibberish: refuse to start."""
+    hub = Hub()
+    with pytest.raises(ConfigError, match=r"MODEL_NAME is not set.*Qwen/Qwen2.5-VL-7B"):
+        run({marker: "https://api.runpod.ai/v2/x/job-take"}, hub, tiny=tmp_path / "tiny")
+    assert hub.calls == []
+    # a baked model, or MODEL_NAME, serves there as anywhere
+    folder = make_snapshot(tmp_path / "org--baked")
+    manifest = read_manifest(write_manifest(folder))
+    assert run({marker: "1"}, hub, manifest).kind == "baked"
+    assert run({marker: "1", "MODEL_NAME": str(folder)}, hub).kind == "local"
+    assert on_runpod({marker: "1"}) and not on_runpod({marker: ""})

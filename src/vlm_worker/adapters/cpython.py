@@ -9,10 +9,10 @@ Checked against CPython 3.10-3.12 (the CPU venv runs 3.11, the vLLM image 3.12):
 
 ``ascii_view``: an ASCII ``str``'s characters as a read-only bytes view, without copying.
 Why: a job's image arrives as a data URI inside the JSON the SDK parsed, a Python ``str``
-of 7 MB for a 4K screenshot. Whatever copies it (a slice to drop the ``data:`` header,
-``str.encode``, pickling it for an image process) holds the GIL for the whole copy, 1-5 ms
-on the machines measured, and every stream on the worker waits that long for its next
-chunk. C code that reads a buffer (pybase64, ``os.write``) releases the GIL while it
+of megabytes for a 4K screenshot. Whatever copies it (a slice to drop the ``data:``
+header, ``str.encode``, pickling it for an image process) holds the GIL for the whole
+copy, and every stream on the worker waits that long for its next chunk
+(``docs/decisions/0007-gil-sparing-decoding.md``). C code that reads a buffer (pybase64, ``os.write``) releases the GIL while it
 reads; given the ``str``'s own memory, it needs no copy at all.
 
 CPython stores an ASCII ``str`` as one byte per character, and

@@ -35,8 +35,8 @@ def _not_empty(value: str) -> str:
 
 
 #: A non-empty string, checked in O(1). ``Field(min_length=1)`` counts the characters,
-#: holding the GIL throughout: 1.5 ms for a 4K screenshot's 7 MB data URI, once per job,
-#: which stalls every stream on the worker for as long.
+#: holding the GIL throughout a data URI of megabytes, once per job, which stalls every
+#: stream on the worker for as long (``docs/decisions/0007-gil-sparing-decoding.md``).
 NonEmptyStr = Annotated[str, AfterValidator(_not_empty)]
 
 

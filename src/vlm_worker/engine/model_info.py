@@ -64,9 +64,9 @@ def text_encoder(tokenizer: Any, probe: str) -> Callable[[str], list[int]] | Non
 
     Why not ``tokenizer.encode``: vLLM makes its tokenizer thread-safe with a pool that
     deep-copies the whole tokenizer (vocabulary dicts included) whenever more threads
-    use it at once than it has copies. On the H100 host each copy held the GIL for
-    ~0.1 s, so a worker's first burst of 8 jobs, and again its first of 32, stalled
-    every stream and every image hand-off for up to 1.5 s (``py-spy --gil``). A private
+    use it at once than it has copies, holding the GIL for each copy: a worker's first
+    bursts stalled every stream and image hand-off for the copies' time (measured on
+    the H100, ``docs/decisions/0005-token-id-prompts.md``). A private
     ``tokenizers.Tokenizer`` is never reconfigured (transformers sets truncation and
     padding on its backend per call; we never call transformers on this one), so any
     number of threads can encode with it, and it skips transformers' per-call Python.

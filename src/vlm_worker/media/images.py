@@ -138,11 +138,11 @@ def decode_inline(source: str, field: str, max_bytes: int) -> bytes:
 def _b64decode_strict(text: str, start: int) -> bytes:
     """``text[start:]`` as strict base64, read in place by pybase64 with the GIL released.
 
-    pybase64 (SIMD; vLLM decodes data URLs with it too), not the standard library: a 4K
-    screenshot's 7 MB payload took 28-44 ms with ``base64`` on this project's CPU machine,
-    holding the GIL throughout, and under 4 ms with pybase64, which releases it. Reading
-    the payload in place (``textbuf.ascii_view``) spares the 7 MB copy that slicing off
-    the header would make while holding the GIL (0.7-2 ms). Same validation as the
+    pybase64 (SIMD; vLLM decodes data URLs with it too), not the standard library: it is
+    many times faster on a screenshot's payload and releases the GIL, which ``base64``
+    holds throughout. Reading the payload in place (``ascii_view``) spares the copy that
+    slicing off the header would make while holding the GIL
+    (``docs/decisions/0007-gil-sparing-decoding.md``). Same validation as the
     standard library: any character outside the alphabet, or padding out of place, is
     refused.
     """
@@ -249,8 +249,8 @@ _PILLOW_CHUNKS = frozenset({b"eXIf", b"tRNS", b"acTL"})
 def _png_chunks(data: bytes) -> set[bytes]:
     """The chunk types of a PNG, read from the chunk headers alone.
 
-    A walk of ~100 headers for a 4K screenshot (its pixel data comes in 64 KB chunks),
-    where searching the 5 MB for a chunk name held the GIL for 4.4 ms and could be fooled
+    A walk of the headers alone (a 4K screenshot's pixel data comes in 64 KB chunks):
+    searching the whole file for a chunk name held the GIL far longer and could be fooled
     by the compressed bytes.
     """
     types, pos, end = set(), 8, len(data)
@@ -266,10 +266,9 @@ def _png_chunks(data: bytes) -> set[bytes]:
 def png_pixels(img: Image.Image, data: bytes) -> torch.Tensor | None:
     """A plain 8-bit RGB(A) PNG's pixels from libpng (torchvision), or None for Pillow.
 
-    Why: a 4K screenshot PNG took Pillow 124-160 ms to decode on this project's CPU
-    machine and libpng 81-94 ms, and libpng runs with the GIL released throughout, where
-    Pillow's loop re-takes it for every chunk (a thread sleeping 1 ms beside it woke up
-    to 4.9 ms late, against 1.1 ms beside libpng). PNG is lossless, so both decoders give
+    Why: libpng is faster on screenshots and runs with the GIL released throughout, where
+    Pillow's loop re-takes it for every chunk and delays every other thread
+    (``docs/decisions/0007-gil-sparing-decoding.md``). PNG is lossless, so both decoders give
     the same bytes for what this accepts: 8 bits per channel, RGB or RGBA (libpng would
     hand back palette indices or grey as they are), no colour-key transparency (``tRNS``:
     rare in screenshots, left to Pillow out of caution), no ``eXIf`` chunk (an

@@ -2,17 +2,16 @@
 
 Why processes: the worker process has one GIL, shared by the RunPod handler, vLLM's
 output processing (detokenizing every running request at every engine step) and the
-image work. Much of that work holds the GIL even in C: base64 (~20 ms for a 4K PNG's
-payload), Pillow's PNG decode loop re-taking it for every chunk, the PIL-to-tensor copy.
-Sampled with ``py-spy --gil`` (2-core CPU machine) while 8 4K jobs were preprocessed
-beside a streaming job, those held the GIL in ~57 % of the samples, and the streaming job's chunks waited behind
-them. A child process does all of it and sends back only the resized RGB pixels (2.9 MB
-for a screenshot). The source goes there and the pixels come back through files in
-``/dev/shm`` (``pixel_files``), so this process copies neither while holding the GIL.
+image work. Much of that work holds the GIL even in C: base64, Pillow's PNG decode loop
+re-taking it for every chunk, the PIL-to-tensor copy, and a streaming job's chunks wait
+behind it. A child process does all of it and sends back only the resized RGB pixels.
+The source goes there and the pixels come back through files in ``/dev/shm``
+(``pixel_files``), so this process copies neither while holding the GIL. The
+measurements behind this: ``docs/decisions/0001-image-processes.md``.
 
 A job alone on the worker is prepared in a thread all the same: with no other job's
-stream to protect, the round trip to a process (4-14 ms measured, for pickling 4-5 MB
-through pipes and four thread hand-offs) would only add to its time to first token. The
+stream to protect, the round trip to a process (pickling, pipes, thread hand-offs) would
+only add to its time to first token. The
 price: a decoder crash on such a job takes the worker down (RunPod restarts it) instead
 of failing only that job.
 
@@ -53,7 +52,7 @@ def default_processes(cpu_count: int | None = None) -> int:
     """Half the cores, at most 8, from 4 cores up; 0 (threads) below.
 
     On 2 cores the engine (or the CUDA driver's threads) already takes the machine: extra
-    interpreters, each importing torch (~400 MB), would buy no parallelism.
+    interpreters, each importing torch, would buy no parallelism.
     """
     cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
     return 0 if cores < 4 else min(8, cores // 2)
@@ -71,10 +70,9 @@ def torch_threads(cpu_count: int | None = None) -> int:
 
 #: How much lower the image processes' CPU priority is than the worker's (``nice``).
 #: Streams and the engine are latency work; preparing a new job's image is throughput
-#: work that can wait a few milliseconds for them. On the 2-core machine, with 2 image
-#: processes, a streaming job's largest gap beside 8 4K jobs being prepared fell from
-#: ~30 to ~15 ms (medians of 8 runs each), and beside 8 whole 4K jobs from ~820 to
-#: ~545 ms. Lowering one's own priority needs no privilege.
+#: work that can wait a few milliseconds for them (the streams' gaps it saved:
+#: ``docs/decisions/0001-image-processes.md``). Lowering one's own priority needs no
+#: privilege.
 NICENESS = 10
 
 #: How long the image processes may take to import and warm up at start.
@@ -87,11 +85,8 @@ def lower_thread_priority() -> None:
     For images prepared in threads (small machines, ``PREPROCESS_PROCESSES=0``, and a job
     alone): the same rule as for image processes, streams and the engine first. It
     matters more since libpng decodes with the GIL released, so image threads now take
-    whole cores. Measured (README, Benchmarks): on the H200, threads at this priority kept
-    time to first token within target; on the 2-core CPU machine the benchmark's rounds
-    spread too much (±20 %) to tell it from normal priority, and images there take longer
-    to prepare while the model runs (8 jobs: 99-177 against 60-88 ms p50). Linux keeps a
-    nice value per thread; elsewhere this does nothing rather than lower the whole process.
+    whole cores (what was and was not shown: ``docs/benchmarks.md``). Linux keeps a nice
+    value per thread; elsewhere this does nothing rather than lower the whole process.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -142,8 +137,7 @@ def _exit_with_parent(parent: int) -> None:
 
     A pool's processes wait for work on a pipe that each of them also holds open for
     writing, so a worker killed without shutting its pool down (SIGKILL, the OOM killer)
-    would leave them waiting forever, ~0.8 GiB each; seen on the CPU machine, where
-    four outlived their killed parent by an hour.
+    would leave them waiting forever, each holding its memory (seen on the CPU machine).
     """
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_S)

@@ -5,23 +5,21 @@ every process, in a thread of the worker that holds the GIL for the whole pickle
 re-takes it for each 64 KB write. Through a file in RAM the pipe carries a path, and the
 worker's side of the copy is one ``write`` or ``read`` with the GIL released.
 
-**Sources out** (``OutgoingSource``). A job's image as it came: a data URI of 7 MB for a
-4K screenshot. Pickling it held the GIL for 2.5 ms per job (``py-spy --gil``, 2-core CPU
-machine: the pool's queue-feeder thread was the largest holder while 8 such jobs were
-handed out), and a streaming job's chunks waited behind it. The file is written from the
-``str``'s own memory (``textbuf.ascii_view``), when the pool's feeder thread pickles the
+**Sources out** (``OutgoingSource``). A job's image as it came: a data URI of megabytes
+for a 4K screenshot. Pickling it held the GIL (the pool's queue-feeder thread was the
+largest holder while such jobs were handed out), and a streaming job's chunks waited
+behind it. The file is written from the ``str``'s own memory
+(``adapters.cpython.ascii_view``), when the pool's feeder thread pickles the
 call, so nothing is copied while holding the GIL and no extra thread hop is added. The
 image process reads it and removes it; the worker removes it too once the job has its
 image or gave up on it, so a job cancelled, or a process killed, before the read leaves
 nothing behind.
 
-**Pixels back** (``ship``/``receive``). A 1288x728 screenshot's pixels (2.8 MB) crossed
-the result pipe in ~45 writes of 64 KB, each read in the worker by one result thread that
-re-takes the GIL after every read, behind the event loops and vLLM's output processing.
-The H200 benchmark's trace put 15-16 ms (p50; 54 ms at worst) between an image process
-finishing its work and the job resuming with the pixels, at 8 concurrent jobs, against
-21 ms for the work itself; with this, 9-12 ms (p50; 17-27 ms at worst) on the same kind
-of machine. The worker reads the pixels with one ``read`` and removes the file at once,
+**Pixels back** (``ship``/``receive``). A resized screenshot's pixels crossed the result
+pipe in dozens of 64 KB writes, each read in the worker by one result thread that
+re-takes the GIL after every read, behind the event loops and vLLM's output processing:
+on the H200 that wait rivalled the image work itself
+(``docs/decisions/0002-dev-shm-transport.md`` has the numbers). The worker reads the pixels with one ``read`` and removes the file at once,
 in that same result thread, whether or not the job is still waiting for them.
 
 Where there is no ``/dev/shm``, or it is full (Docker's default is 64 MB), payloads go

@@ -154,14 +154,12 @@ def freeze_startup_heap() -> int:
     """Collect start-up's garbage now and exempt what survives from later collections,
     as ``vllm serve`` does after its start-up; returns the number of objects frozen.
 
-    Start-up (vLLM, torch, transformers, the engine client) leaves ~0.7 M tracked objects
-    and some cyclic garbage in this process. Left alone, a collection fell into the
-    worker's first busy seconds: on the H100 host, three benchmark runs each showed one
-    collection of 255-297 ms in the first rounds of 8 concurrent jobs, stalling every
-    stream, image hand-off and prompt thread at once (a young-generation pass over
-    ~3.5 k objects: the time went to what it freed, not to the walk). The two runs with
-    this collect-and-freeze had none over 10 ms. It costs one full collection (~0.25 s
-    on the 2-core CPU machine) before the worker takes jobs.
+    Start-up (vLLM, torch, transformers, the engine client) leaves a large heap and some
+    cyclic garbage in this process. Left alone, a long collection fell into the worker's
+    first busy seconds, stalling every stream, image hand-off and prompt thread at once;
+    with this collect-and-freeze the benchmark saw none
+    (``docs/decisions/0006-heap-freeze.md``). It costs one full collection before the
+    worker takes jobs.
     """
     gc.collect()
     gc.freeze()
