@@ -13,6 +13,9 @@ long shows up in both.
     .venv/bin/python benchmarks/burst_gap.py [--processes 2] [--runs 10]
     .venv/bin/python benchmarks/burst_gap.py --src /tmp/old/src   # another checkout's code
 
+``--src`` takes a checkout with this package layout (2026-11-30 on); for an older one run
+its own ``benchmarks/burst_gap.py``.
+
 Uses the tiny model's processor (``make model``).
 """
 
@@ -82,7 +85,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="whose vlm_worker to run")
     args = parser.parse_args()
-    sys.path.insert(0, str(args.src))
+    sys.path[:0] = [str(args.src), str(ROOT)]  # whose package; this repo for benchmarks
     os.environ.setdefault("LOG_LEVEL", "WARNING")
 
     from benchmarks.bench import data_uri, job_input, screenshot_png

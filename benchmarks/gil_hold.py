@@ -4,7 +4,10 @@ A thread that sleeps 0.5 ms in a loop runs beside ``prepare_source`` (base64, de
 resize: what the worker does for a job prepared in a thread); each time it wakes late,
 something held the GIL. Prints, per run, the image's preparation time, the sleeper's
 largest gap, and the time spent in gaps over 1.5 ms, for the code as it is and, with
-``--against REV``, for ``images.py`` as it was at that git revision, alternating.
+``--against REV``, for ``media/images.py`` as it was at that git revision, alternating.
+Revisions before the package layout of 2026-11-30 kept ``images.py`` elsewhere and
+imported it relatively: measure those with their own ``benchmarks/gil_hold.py`` in a
+``git worktree``.
 
     .venv/bin/python benchmarks/gil_hold.py [--against REV] [--runs 3] [--size 3840x2160]
 
@@ -25,27 +28,28 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # the repo (benchmarks, tools) and the package
 
 from benchmarks.bench import data_uri, screenshot_png  # noqa: E402
 
 from vlm_worker.config.settings import TINY_MODEL_DIR  # noqa: E402
 from vlm_worker.media import images  # noqa: E402
+from vlm_worker.media.geometry import ImageGeometry  # noqa: E402
 
 SLEEP_S = 0.0005
 
 
 def images_at(rev: str) -> ModuleType:
-    """``vlm_worker/images.py`` as it was at ``rev``, importable beside today's package."""
+    """``vlm_worker/media/images.py`` as it was at ``rev``, importable beside today's."""
     source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:src/vlm_worker/images.py"],
+        ["git", "-C", str(ROOT), "show", f"{rev}:src/vlm_worker/media/images.py"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     path = Path(tempfile.mkdtemp()) / "images_then.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("vlm_worker.images_then", path)
+    spec = importlib.util.spec_from_file_location("vlm_worker.media.images_then", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -73,7 +77,7 @@ def measure(module: ModuleType, uri: str, processor: object) -> tuple[float, flo
     module.prepare_source(
         uri,
         field="image",
-        geometry=images.ImageGeometry(),
+        geometry=ImageGeometry(),
         processor=processor,
         limits=images.ImageLimits(64 << 20, 1 << 26),
     )

@@ -32,7 +32,7 @@ import shutil
 import sys
 from pathlib import Path
 
-#: Must equal vlm_worker.config.model_source.ALLOW_PATTERNS (tests/test_deploy.py checks).
+#: Must equal vlm_worker.config.model_source.ALLOW_PATTERNS (tests/unit/test_deploy.py checks).
 ALLOW_PATTERNS: tuple[str, ...] = (
     "*.safetensors",
     "*.json",
