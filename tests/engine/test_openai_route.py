@@ -12,7 +12,12 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from support.jobs import collect, data_uri, screenshot
 from support.openai_shim import OpenAIShim
 from vlm_worker.contract.errors import InvalidInput
-from vlm_worker.contract.openai_shapes import parse_request, to_native
+from vlm_worker.contract.openai_shapes import (
+    field_aliases,
+    from_worker_error,
+    parse_request,
+    to_native,
+)
 
 MODEL = "tiny-qwen2.5-vl"
 
@@ -82,8 +87,17 @@ def test_to_native_maps_fields():
     [
         ({"n": 2}, "n", "only n=1"),
         ({"tools": []}, "tools", "tool calling"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
-        ({"logprobs": True}, "logprobs", "not supported"),
+        ({"top_logprobs": 2}, "top_logprobs", "requires logprobs: true"),
+        (
+            {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+            "structured_outputs",
+            "not both",
+        ),
+        (
+            {"response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+            "required",
+        ),
         ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens", "not both"),
     ],
 )
@@ -91,6 +105,34 @@ def test_unsupported_requests_are_refused_by_name(payload, field, words):
     with pytest.raises(InvalidInput) as info:
         to_native(parse_request(body(**payload)))
     assert info.value.field == field and words in info.value.message
+
+
+def test_structured_output_and_logprobs_map_as_vllm_serve_maps_them():
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    as_schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}
+    cases = [
+        ({"response_format": as_schema}, {"json": schema}),
+        ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+        ({"response_format": {"type": "text"}}, None),
+        ({"structured_outputs": {"regex": "[0-9]+"}}, {"regex": "[0-9]+"}),
+    ]
+    for extra, structured in cases:
+        native = to_native(parse_request(body(**extra)))
+        assert native.get("structured_outputs") == structured
+    assert to_native(parse_request(body(logprobs=True)))["logprobs"] == 0
+    assert to_native(parse_request(body(logprobs=True, top_logprobs=3)))["logprobs"] == 3
+    assert "logprobs" not in to_native(parse_request(body(logprobs=False)))
+
+
+def test_errors_name_the_field_as_the_request_named_it():
+    req = parse_request(body(response_format={"type": "json_object"}, logprobs=True))
+    aliases = field_aliases(req)
+    err = {"type": "invalid_input", "message": "m", "field": "sampling_params.structured_outputs"}
+    assert from_worker_error(err, aliases)["error"]["param"] == "response_format"
+    err["field"] = "sampling_params.logprobs"
+    assert from_worker_error(err, aliases)["error"]["param"] == "logprobs"
+    err["field"] = "sampling_params.structured_outputs.regex"  # vLLM's own field
+    assert from_worker_error(err)["error"]["param"] == "structured_outputs.regex"
 
 
 # ------------------------------------------------------------- real engine

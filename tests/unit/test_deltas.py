@@ -71,3 +71,38 @@ async def test_tokens_without_text_wait_for_the_one_that_completes_them():
 
     out = [(d.text, d.tokens) async for d in batched(source(), BatchPolicy(1, 50, 3.0))]
     assert out == [("é", 3), ("abc", 3), ("d!", 3)]
+
+
+def test_logprobs_merge_in_token_order():
+    a = Delta(text="a", tokens=1, logprobs=[{"token": "a"}])
+    a.merge(Delta(text="b", tokens=1))
+    a.merge(Delta(text="cd", tokens=2, logprobs=[{"token": "c"}, {"token": "d"}]))
+    assert [e["token"] for e in a.logprobs] == ["a", "c", "d"]
+    plain = Delta(text="x", tokens=1)
+    plain.merge(Delta(text="y", tokens=1))
+    assert plain.logprobs is None
+
+
+def test_token_logprobs_take_vllms_dict_in_order_as_vllm_serve_does():
+    from collections import namedtuple
+
+    from vlm_worker.engine.vllm_engine import token_logprobs
+
+    lp = namedtuple("Logprob", "logprob rank decoded_token")
+    # vLLM's per-step dict: the sampled token first (here rank 2), then the top ones
+    steps = [
+        {7: lp(-1.5, 2, "é"), 3: lp(-0.5, 1, "a"), 7.5: lp(-1.5, 2, "x")},
+        {9: lp(-float("inf"), 1, "z")},
+    ]
+    out = token_logprobs([7, 9], steps, 2)
+    assert out[0] == {
+        "token": "é",
+        "logprob": -1.5,
+        "bytes": [195, 169],
+        "top_logprobs": [
+            {"token": "é", "logprob": -1.5, "bytes": [195, 169]},
+            {"token": "a", "logprob": -0.5, "bytes": [97]},
+        ],
+    }
+    assert out[1]["logprob"] == -9999.0 and out[1]["top_logprobs"][0]["logprob"] == -9999.0
+    assert token_logprobs([7], steps[:1], 0)[0]["top_logprobs"] == []

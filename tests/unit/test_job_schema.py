@@ -166,3 +166,39 @@ def test_error_shape_is_json_even_through_str():
         "error": {"type": "invalid_input", "message": "messages: bad", "field": "messages"}
     }
     assert json.loads(str(chunk["error"])) == chunk["error"]
+
+
+def test_structured_outputs_take_exactly_one_constraint():
+    job = parse_job(
+        {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"json": {}}}
+    )
+    assert job.sampling_params.set_values() == {"structured_outputs": {"json": {}}}
+    job = parse_job(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "sampling_params": {"structured_outputs": {"choice": ["yes", "no"]}, "logprobs": 2},
+        }
+    )
+    assert job.sampling_params.set_values() == {
+        "logprobs": 2,
+        "structured_outputs": {"choice": ["yes", "no"]},
+    }
+    for bad, words in [
+        ({}, "got none"),
+        ({"regex": "a", "choice": ["a"]}, "got regex, choice"),
+        ({"choice": []}, "at least 1"),
+        ({"regex": ""}, "at least 1 character"),
+        ({"json_object": False}, "True"),
+        ({"xml": "<a/>"}, "unknown field"),
+    ]:
+        with pytest.raises(InvalidInput) as info:
+            parse_job({"messages": [{"role": "user", "content": "hi"}], "structured_outputs": bad})
+        assert info.value.field.startswith("sampling_params.structured_outputs"), info.value
+        assert words in info.value.message, info.value.message
+
+
+def test_logprobs_are_bounded():
+    for bad in (-1, 21):
+        with pytest.raises(InvalidInput) as info:
+            parse_job({"messages": [{"role": "user", "content": "hi"}], "logprobs": bad})
+        assert info.value.field == "sampling_params.logprobs"

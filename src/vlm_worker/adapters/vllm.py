@@ -14,6 +14,8 @@ what breaks if it moves:
   ``get_placeholder_str("image", 0)`` is the placeholder text vLLM expects per image.
 * ``vllm.v1.engine.exceptions.EngineDeadError`` and ``EngineGenerateError``: vLLM's split
   between a dead engine (the worker exits) and one failed request (other jobs go on).
+* ``vllm.exceptions.VLLMValidationError.parameter``: which sampling parameter vLLM
+  refused (``logprobs`` above ``MAX_LOGPROBS``, for one), so the error names the field.
 * The text of the ``ValueError`` vLLM raises for a prompt longer than ``max_model_len``.
   It has no exception class of its own; a changed wording turns ``prompt_too_long`` into
   ``invalid_input`` (the test suite sends such a prompt through the real engine).
@@ -56,3 +58,13 @@ def engine_exception_types() -> tuple[type[BaseException], type[BaseException]]:
 def is_prompt_too_long(exc: ValueError) -> bool:
     text = str(exc)
     return any(marker in text for marker in _PROMPT_TOO_LONG)
+
+
+def validation_parameter(exc: ValueError) -> str | None:
+    """The request parameter a vLLM validation error names, if it names one."""
+    from vllm.exceptions import VLLMValidationError
+
+    if isinstance(exc, VLLMValidationError):
+        parameter = getattr(exc, "parameter", None)
+        return parameter if isinstance(parameter, str) and parameter else None
+    return None

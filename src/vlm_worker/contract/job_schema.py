@@ -87,6 +87,43 @@ class Message(BaseModel):
     content: str | list[ContentPart]
 
 
+#: The most top tokens a job may ask logprobs for; vLLM's own cap (``MAX_LOGPROBS``,
+#: 20 by default) still applies and is reported by the engine as ``invalid_input``.
+MAX_TOP_LOGPROBS = 20
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class StructuredOutputs(BaseModel):
+    """Constrained decoding through vLLM's structured-output backends, as vLLM names it:
+    exactly one of a JSON schema, a regex, a list of choices, a grammar (EBNF/Lark), or
+    any JSON object."""
+
+    model_config = _STRICT
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: NonEmptyStr | None = None
+    choice: list[NonEmptyStr] | None = Field(None, min_length=1)
+    grammar: NonEmptyStr | None = None
+    json_object: Literal[True] | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [k for k in STRUCTURED_KINDS if self.kind_value(k) is not None]
+        if len(given) != 1:
+            found = f"got {', '.join(given)}" if given else "got none"
+            raise ValueError(f"set exactly one of {', '.join(STRUCTURED_KINDS)} ({found})")
+        return self
+
+    def kind_value(self, kind: str) -> Any:
+        return self.json_ if kind == "json" else getattr(self, kind)
+
+    def engine_values(self) -> dict[str, Any]:
+        """The keyword arguments of vLLM's ``StructuredOutputsParams``."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class SamplingOptions(BaseModel):
     """The sampling knobs a job may set; names follow OpenAI and vLLM."""
 
@@ -107,6 +144,10 @@ class SamplingOptions(BaseModel):
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    #: Log probabilities of each generated token and of this many top alternatives (0:
+    #: the generated token's only), in OpenAI's per-token shape.
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -121,7 +162,10 @@ class SamplingOptions(BaseModel):
         return stops
 
     def set_values(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        values = self.model_dump(exclude_none=True, exclude={"structured_outputs"})
+        if self.structured_outputs is not None:
+            values["structured_outputs"] = self.structured_outputs.engine_values()
+        return values
 
 
 _SAMPLING_KEYS = set(SamplingOptions.model_fields) | {"max_new_tokens"}

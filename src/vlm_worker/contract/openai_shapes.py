@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlm_worker.contract.errors import ErrorBody, InvalidInput
-from vlm_worker.contract.job_schema import validation_error_to_invalid_input
+from vlm_worker.contract.job_schema import MAX_TOP_LOGPROBS, validation_error_to_invalid_input
 
 ROUTE_CHAT = "/v1/chat/completions"
 ROUTE_MODELS = "/v1/models"
@@ -33,9 +33,6 @@ UNSUPPORTED = {
     "tool_choice": "tool calling is not supported",
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
-    "response_format": "structured output (response_format) is not supported",
-    "logprobs": "logprobs are not supported",
-    "top_logprobs": "logprobs are not supported",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -48,6 +45,20 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatRequest(BaseModel):
@@ -76,6 +87,11 @@ class ChatRequest(BaseModel):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    # vLLM's extra: {json | regex | choice | grammar | json_object}, as on native jobs
+    structured_outputs: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------- errors
@@ -101,10 +117,17 @@ _TYPE_MAP = {
 }
 
 
-def from_worker_error(body: dict[str, Any]) -> dict[str, Any]:
-    """A native error chunk's body in OpenAI's shape; ``field`` becomes ``param``."""
+def from_worker_error(
+    body: dict[str, Any], aliases: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A native error chunk's body in OpenAI's shape; ``field`` becomes ``param``, named
+    as the request named it (``aliases``: native field prefix -> request field)."""
     err_type, code = _TYPE_MAP.get(body.get("type", ""), ("server_error", 500))
     field = body.get("field")
+    for native, own in (aliases or {}).items():
+        if isinstance(field, str) and (field == native or field.startswith(native + ".")):
+            field = own
+            break
     if isinstance(field, str) and field.startswith("sampling_params."):
         field = field.removeprefix("sampling_params.")
     return openai_error(body.get("message", "error"), type=err_type, param=field, code=code)
@@ -169,7 +192,43 @@ def to_native(req: ChatRequest) -> dict[str, Any]:
         "logit_bias": req.logit_bias,
     }
     native.update({k: v for k, v in sampling.items() if v is not None})
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidInput("top_logprobs: requires logprobs: true", field="top_logprobs")
+    if req.logprobs:
+        native["logprobs"] = req.top_logprobs or 0
+    structured = structured_outputs(req)
+    if structured is not None:
+        native["structured_outputs"] = structured
     return native
+
+
+def structured_outputs(req: ChatRequest) -> dict[str, Any] | None:
+    """``response_format`` (OpenAI's) or ``structured_outputs`` (vLLM's) as the native
+    job's ``sampling_params.structured_outputs``, as vLLM's server maps them."""
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        if req.structured_outputs is not None:
+            raise InvalidInput(
+                "structured_outputs: set response_format or structured_outputs, not both",
+                field="structured_outputs",
+            )
+        if fmt.type == "json_object":
+            return {"json_object": True}
+        if fmt.json_schema is None:
+            raise InvalidInput(
+                "response_format.json_schema: required when type is 'json_schema'",
+                field="response_format.json_schema",
+            )
+        return {"json": fmt.json_schema.schema_}
+    return req.structured_outputs
+
+
+def field_aliases(req: ChatRequest) -> dict[str, str]:
+    """The request's own name for native fields an error may name."""
+    aliases = {"sampling_params.logprobs": "top_logprobs" if req.top_logprobs else "logprobs"}
+    if req.response_format is not None and req.response_format.type != "text":
+        aliases["sampling_params.structured_outputs"] = "response_format"
+    return aliases
 
 
 # ------------------------------------------------------------ translation out
@@ -193,20 +252,30 @@ class ChatFormatter:
                     "index": 0,
                     "message": {"role": "assistant", "content": final.get("text", "")},
                     "finish_reason": final.get("finish_reason"),
-                    "logprobs": None,
+                    "logprobs": _logprobs(final),
                 }
             ],
             "usage": final.get("usage"),
         }
 
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        logprobs: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
             "choices": [
-                {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "finish_reason": finish_reason,
+                    "logprobs": None if logprobs is None else {"content": logprobs},
+                }
             ],
         }
 
@@ -219,6 +288,10 @@ class ChatFormatter:
             "choices": [],
             "usage": usage,
         }
+
+
+def _logprobs(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    return {"content": chunk["logprobs"]} if "logprobs" in chunk else None
 
 
 def sse(obj: dict[str, Any] | str) -> str:

@@ -8,6 +8,7 @@ handful of queue posts instead of one per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -21,8 +22,15 @@ class Delta:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     first_token_at: float | None = None  # perf_counter() when this delta's first token was seen
+    #: One entry per token, in OpenAI's shape, when the request asked for logprobs.
+    logprobs: list[dict[str, Any]] | None = None
 
     def merge(self, other: Delta) -> None:
+        if other.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = list(other.logprobs)
+            else:
+                self.logprobs.extend(other.logprobs)
         self.text += other.text
         self.tokens += other.tokens
         self.prompt_tokens = self.prompt_tokens or other.prompt_tokens

@@ -14,13 +14,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from vlm_worker.adapters.vllm import (
     engine_exception_types,
     is_prompt_too_long,
     num_unfinished_requests,
+    validation_parameter,
 )
 from vlm_worker.contract.errors import (
     EngineDead,
@@ -125,6 +126,7 @@ class VllmEngine:
         if self.dead:
             raise EngineDead("the engine has stopped; this worker is restarting")
         params = _sampling_params(request.sampling)
+        top_logprobs = request.sampling.get("logprobs")
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         put = queue.put_nowait
@@ -145,7 +147,7 @@ class VllmEngine:
             try:
                 finished = False
                 async for out in self._llm.generate(prompt, params, request.request_id):
-                    batch = batcher.add(_delta(out))
+                    batch = batcher.add(_delta(out, top_logprobs))
                     if batch is not None:
                         finished = batch.finished
                         caller.call_soon_threadsafe(put, batch)
@@ -173,7 +175,7 @@ class VllmEngine:
                         break
                     item.merge(nxt)
                 if isinstance(item, BaseException):
-                    raise _translate(item)
+                    raise _translate(item, request)
                 finished = item.finished
                 yield item
         finally:
@@ -189,9 +191,13 @@ def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
 
 def _sampling_params(values: dict[str, Any]) -> Any:
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    values = dict(values)
+    structured = values.pop("structured_outputs", None)
     try:
+        if structured is not None:
+            values["structured_outputs"] = StructuredOutputsParams(**structured)
         return SamplingParams(**values, output_kind=RequestOutputKind.DELTA)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(
@@ -199,7 +205,7 @@ def _sampling_params(values: dict[str, Any]) -> Any:
         ) from exc
 
 
-def _delta(out: Any) -> Delta:
+def _delta(out: Any, top_logprobs: int | None) -> Delta:
     completion = out.outputs[0] if out.outputs else None
     tokens = len(completion.token_ids) if completion is not None else 0
     return Delta(
@@ -210,11 +216,57 @@ def _delta(out: Any) -> Delta:
         finish_reason=completion.finish_reason if completion is not None else None,
         stop_reason=completion.stop_reason if completion is not None else None,
         first_token_at=time.perf_counter() if tokens else None,
+        logprobs=(
+            token_logprobs(completion.token_ids, completion.logprobs, top_logprobs)
+            if top_logprobs is not None and completion is not None
+            else None
+        ),
     )
 
 
-def _translate(exc: BaseException) -> BaseException:
-    """vLLM's exceptions as ours, at this one boundary (cancellation passes through)."""
+def token_logprobs(
+    token_ids: Sequence[int], steps: Sequence[dict[int, Any] | None] | None, top: int
+) -> list[dict[str, Any]]:
+    """Each generated token's log probability in OpenAI's shape, built as ``vllm serve``
+    builds it: the token's own entry, then the first ``top`` entries of vLLM's per-step
+    dict (the sampled token first, then the most likely), floored at -9999."""
+    out = []
+    for i, token_id in enumerate(token_ids):
+        step = steps[i] if steps is not None and i < len(steps) else None
+        own = step.get(token_id) if step is not None else None
+        if own is None:  # vLLM reports no logprob for this token: the text alone
+            out.append({"token": "", "logprob": -9999.0, "bytes": [], "top_logprobs": []})
+            continue
+        decoded = own.decoded_token
+        out.append(
+            {
+                "token": decoded or "",
+                "logprob": max(own.logprob, -9999.0),
+                "bytes": None if decoded is None else list(decoded.encode("utf-8", "replace")),
+                "top_logprobs": [
+                    {
+                        "token": (alt.decoded_token or ""),
+                        "logprob": max(alt.logprob, -9999.0),
+                        "bytes": list((alt.decoded_token or "").encode("utf-8", "replace")),
+                    }
+                    for n, alt in enumerate(step.values())
+                    if n < top
+                ],
+            }
+        )
+    return out
+
+
+#: Words in vLLM's messages about a structured-output request it cannot compile.
+_STRUCTURED_WORDS = ("structured", "grammar", "schema", "json", "regex", "choice", "xgrammar")
+
+
+def _translate(exc: BaseException, request: EngineRequest) -> BaseException:
+    """vLLM's exceptions as ours, at this one boundary (cancellation passes through).
+
+    A request vLLM refuses names the job's field where it can: vLLM's validation errors
+    carry the parameter, and a structured-output request it cannot compile says so.
+    """
     if isinstance(exc, (WorkerError, asyncio.CancelledError)):
         return exc
     EngineDeadError, EngineGenerateError = engine_exception_types()
@@ -223,8 +275,19 @@ def _translate(exc: BaseException) -> BaseException:
     elif isinstance(exc, EngineGenerateError):
         err = EngineError(f"the engine failed this request: {exc}")
     elif isinstance(exc, ValueError):
+        parameter = validation_parameter(exc)
+        structured = "structured_outputs" in request.sampling and any(
+            word in str(exc).lower() for word in _STRUCTURED_WORDS
+        )
         if is_prompt_too_long(exc):
             err = PromptTooLong(str(exc), field="messages")
+        elif parameter is not None:
+            err = InvalidInput(f"{parameter}: {exc}", field=f"sampling_params.{parameter}")
+        elif structured:
+            err = InvalidInput(
+                f"structured_outputs: the engine cannot use this: {exc}",
+                field="sampling_params.structured_outputs",
+            )
         else:
             err = InvalidInput(f"the engine rejected this request: {exc}")
     else:

@@ -322,14 +322,23 @@ class JobRunner:
                 clock.first_token = delta.first_token_at
             total.merge(delta)
             if stream and not delta.finished and delta.text:
-                yield {"text": delta.text}
+                chunk: dict[str, Any] = {"text": delta.text}
+                if delta.logprobs is not None:
+                    chunk["logprobs"] = delta.logprobs
+                yield chunk
             elif delta.finished:
                 clock.end = time.perf_counter()
-                text = delta.text if stream else total.text
-                yield self._final(job_id, text, total, prepared, clock)
+                last = delta if stream else total
+                yield self._final(job_id, last.text, last.logprobs, total, prepared, clock)
 
     def _final(
-        self, job_id: str, text: str, total: Delta, prepared: Prepared, clock: Clock
+        self,
+        job_id: str,
+        text: str,
+        logprobs: list[dict[str, Any]] | None,
+        total: Delta,
+        prepared: Prepared,
+        clock: Clock,
     ) -> dict[str, Any]:
         prompt_tokens = (
             total.prompt_tokens if total.prompt_tokens is not None else prepared.prompt_tokens
@@ -353,6 +362,8 @@ class JobRunner:
             )
         if total.stop_reason is not None:
             chunk["stop_reason"] = total.stop_reason
+        if logprobs is not None:
+            chunk["logprobs"] = logprobs
         if prepared.warnings:
             chunk["warnings"] = prepared.warnings
         log.info("job done", extra={"job_id": job_id, **chunk["usage"], **chunk["timings"]})

@@ -16,6 +16,7 @@ from vlm_worker.contract.openai_shapes import (
     ROUTE_MODELS,
     ChatFormatter,
     ChatRequest,
+    field_aliases,
     from_worker_error,
     openai_error,
     parse_request,
@@ -71,14 +72,15 @@ class OpenAIRoute:
         fmt = ChatFormatter(
             self.model_id, bool(req.stream_options and req.stream_options.include_usage)
         )
+        aliases = field_aliases(req)
         chunks = self.runner.run({"id": job_id, "input": native})
         if req.stream:
-            async for item in self._stream(chunks, fmt):
+            async for item in self._stream(chunks, fmt, aliases):
                 yield item
         else:
             async for chunk in chunks:
                 if "error" in chunk:
-                    yield from_worker_error(chunk["error"])
+                    yield from_worker_error(chunk["error"], aliases)
                 else:
                     yield fmt.completion(chunk)
 
@@ -96,19 +98,24 @@ class OpenAIRoute:
         return req
 
     async def _stream(
-        self, chunks: AsyncIterator[dict[str, Any]], fmt: ChatFormatter
+        self,
+        chunks: AsyncIterator[dict[str, Any]],
+        fmt: ChatFormatter,
+        aliases: dict[str, str],
     ) -> AsyncIterator[Any]:
         started = False
         async for chunk in chunks:
             if "error" in chunk:
-                yield from_worker_error(chunk["error"])
+                yield from_worker_error(chunk["error"], aliases)
                 return
             parts = []
             if not started:
                 parts.append(sse(fmt.chunk({"role": "assistant", "content": ""})))
                 started = True
             if chunk.get("text"):
-                parts.append(sse(fmt.chunk({"content": chunk["text"]})))
+                parts.append(
+                    sse(fmt.chunk({"content": chunk["text"]}, None, chunk.get("logprobs")))
+                )
             if "finish_reason" in chunk:
                 parts.append(sse(fmt.chunk({}, chunk["finish_reason"])))
                 if fmt.include_usage:

@@ -1,0 +1,91 @@
+"""Constrained decoding and log probabilities through the real engine, on native jobs.
+
+Random weights say nothing about quality, but a constraint makes the output checkable:
+whatever the model would have said, the text must match the schema, regex or choices.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from support.jobs import collect, data_uri, image_job, screenshot
+
+pytestmark = pytest.mark.engine
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"x": {"type": "integer"}, "label": {"type": "string", "maxLength": 8}},
+    "required": ["x", "label"],
+    "additionalProperties": False,
+}
+
+
+def job(structured: dict | None = None, **extra) -> dict:
+    extra = {"max_tokens": 48, "stream": False, **extra}
+    out = image_job(data_uri(screenshot(320, 200, 4)), **extra)
+    if structured is not None:
+        out["sampling_params"] = {"structured_outputs": structured}
+    return out
+
+
+def same_text(tokens: str, text: str) -> bool:
+    """A token that ends inside a character is reported as U+FFFD on its own, as vLLM's
+    server reports it, while the text holds the whole character (random weights make
+    such tokens common)."""
+    return tokens.replace("\ufffd", "") == text.replace("\ufffd", "")
+
+
+async def final_of(worker, job_input) -> dict:
+    chunks = await collect(worker, job_input)
+    assert "error" not in chunks[-1], chunks[-1]
+    return chunks[-1]
+
+
+async def test_a_json_schema_constrains_the_answer(worker):
+    final = await final_of(worker, job({"json": SCHEMA}, temperature=1.0, seed=3))
+    assert final["finish_reason"] == "stop", final  # the schema closed the object
+    jsonschema.validate(json.loads(final["text"]), SCHEMA)
+
+
+async def test_regex_choice_and_json_object(worker):
+    final = await final_of(worker, job({"regex": "[a-f]{3}-[0-9]{2}"}))
+    assert re.fullmatch("[a-f]{3}-[0-9]{2}", final["text"]), final["text"]
+    final = await final_of(worker, job({"choice": ["left", "right", "up"]}))
+    assert final["text"] in ("left", "right", "up")
+    final = await final_of(worker, job({"json_object": True}, max_tokens=24, seed=1))
+    assert final["text"].startswith("{")
+
+
+async def test_a_constraint_the_engine_cannot_compile_is_invalid_input(worker):
+    (chunk,) = await collect(worker, job({"regex": "(unclosed"}))
+    err = chunk["error"]
+    assert err["type"] == "invalid_input", err
+    assert err["field"] == "sampling_params.structured_outputs", err
+    # the worker serves on
+    assert "error" not in (await collect(worker, job({"choice": ["a", "b"]})))[-1]
+
+
+async def test_logprobs_per_token_non_streamed_and_streamed(worker):
+    final = await final_of(worker, job(logprobs=3, ignore_eos=True, max_tokens=12))
+    entries = final["logprobs"]
+    assert len(entries) == final["usage"]["completion_tokens"] == 12
+    assert same_text("".join(e["token"] for e in entries), final["text"])
+    for e in entries:
+        assert e["logprob"] <= 0 and len(e["top_logprobs"]) == 3
+        assert e["bytes"] == list(e["token"].encode("utf-8", "replace"))
+        assert max(t["logprob"] for t in e["top_logprobs"]) >= e["logprob"] - 1e-6
+
+    streamed = await collect(
+        worker,
+        image_job(data_uri(screenshot(320, 200, 4)), max_tokens=12, ignore_eos=True, logprobs=0),
+    )
+    tokens = [e for c in streamed for e in c.get("logprobs", [])]
+    assert len(tokens) == 12 and all(e["top_logprobs"] == [] for e in tokens)
+    assert same_text("".join(e["token"] for e in tokens), "".join(c["text"] for c in streamed))
+    # no logprobs asked: none sent
+    plain = await final_of(worker, job(max_tokens=4))
+    assert "logprobs" not in plain
