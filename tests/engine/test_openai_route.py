@@ -262,3 +262,57 @@ def test_real_openai_client_through_a_gateway_shim(worker):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model=MODEL, messages=body()["messages"], n=2)
         assert "n=1" in info.value.message
+
+
+@pytest.mark.engine
+def test_openai_client_reads_structured_output_and_logprobs(worker):
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["x"],
+        "additionalProperties": False,
+    }
+    with OpenAIShim(worker.handler) as shim:
+        client = openai.OpenAI(base_url=shim.base_url, api_key="unused", max_retries=0)
+        # Random weights may pad with whitespace (which the schema allows) until
+        # max_tokens; sampling with a seed closes the object within a few tries.
+        finished = []
+        for seed in range(4):
+            res = client.chat.completions.create(
+                model=MODEL,
+                messages=image_body()["messages"],
+                max_tokens=120,
+                temperature=1.0,
+                seed=seed,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "point", "schema": schema, "strict": True},
+                },
+            )
+            if res.choices[0].finish_reason == "stop":
+                finished.append(json.loads(res.choices[0].message.content))
+        assert finished, "no seed closed the JSON object"
+        for answer in finished:
+            jsonschema.validate(answer, schema)
+
+        res = client.chat.completions.create(
+            model=MODEL,
+            messages=body()["messages"],
+            max_tokens=5,
+            logprobs=True,
+            top_logprobs=2,
+            extra_body={"ignore_eos": True},
+        )
+        content = res.choices[0].logprobs.content
+        assert len(content) == 5 == res.usage.completion_tokens
+        assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=body()["messages"],
+                extra_body={"structured_outputs": {"regex": "(unclosed"}},
+            )
+        assert info.value.body["param"] == "structured_outputs"

@@ -1,0 +1,208 @@
+"""The OpenAI route against vLLM's own OpenAI server, same tiny model, same engine args.
+
+Each request goes to ``python -m vllm.entrypoints.openai.api_server`` over HTTP and to this
+worker's ``openai_route`` job; under greedy decoding the answers must agree token for
+token: text, finish reason, usage, and every logprob. Streamed answers must reassemble to
+the same message. Ids, timestamps and the model's name differ on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from support.jobs import collect, data_uri, screenshot
+from support.server import ROOT
+
+pytestmark = pytest.mark.engine
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "x": {"type": "integer", "minimum": 0, "maximum": 9999},
+        "y": {"type": "integer", "minimum": 0, "maximum": 9999},
+    },
+    "required": ["x", "y"],
+    "additionalProperties": False,
+}
+
+
+def engine_cli(env: dict[str, str], model: str) -> list[str]:
+    """The session worker's engine arguments (conftest's environment) as vLLM's flags."""
+    return [
+        "--model",
+        model,
+        "--dtype",
+        env["DTYPE"],
+        "--max-model-len",
+        env["MAX_MODEL_LEN"],
+        "--max-num-seqs",
+        env["MAX_NUM_SEQS"],
+        "--enforce-eager",
+        "--limit-mm-per-prompt",
+        json.dumps({"image": 1, "video": 0}),
+    ]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model: str) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MODEL_NAME"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), *engine_cli(env, tiny_model)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited: {proc.stderr.read()[-3000:]}")
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("vLLM's server did not come up") from None
+                time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def vllm_answer(base: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(
+        base + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        raw = resp.read().decode()
+    if not body.get("stream"):
+        return json.loads(raw)
+    return [
+        json.loads(line.removeprefix("data: "))
+        for line in raw.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+async def our_answer(worker: Any, body: dict[str, Any]) -> Any:
+    job = {"openai_route": "/v1/chat/completions", "openai_input": body}
+    out = await collect(worker, job)
+    if not body.get("stream"):
+        (single,) = out
+        return single
+    text = "".join(out)
+    return [
+        json.loads(line.removeprefix("data: "))
+        for line in text.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+def reassemble(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A streamed answer as one message: content, finish reason, logprobs, usage."""
+    content, logprobs, finish, usage = "", [], None, None
+    for chunk in chunks:
+        usage = chunk.get("usage") or usage
+        for choice in chunk["choices"]:
+            content += choice["delta"].get("content") or ""
+            logprobs += (choice.get("logprobs") or {}).get("content") or []
+            finish = choice.get("finish_reason") or finish
+    return {"content": content, "finish_reason": finish, "logprobs": logprobs, "usage": usage}
+
+
+def message(answer: dict[str, Any]) -> dict[str, Any]:
+    choice = answer["choices"][0]
+    return {
+        "content": choice["message"]["content"],
+        "finish_reason": choice["finish_reason"],
+        "logprobs": (choice.get("logprobs") or {}).get("content") or [],
+        "usage": answer["usage"],
+    }
+
+
+def same_logprobs(ours: list[dict], theirs: list[dict]) -> None:
+    assert [e["token"] for e in ours] == [e["token"] for e in theirs]
+    assert [e["bytes"] for e in ours] == [e["bytes"] for e in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-3)
+        assert [t["token"] for t in a["top_logprobs"]] == [t["token"] for t in b["top_logprobs"]]
+        for x, y in zip(a["top_logprobs"], b["top_logprobs"], strict=True):
+            assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-3)
+
+
+def image_messages() -> list[dict[str, Any]]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_uri(screenshot(448, 300, 7))}},
+                {"type": "text", "text": "Where is the blue bar?"},
+            ],
+        }
+    ]
+
+
+TEXT = [{"role": "user", "content": "Say something about screens."}]
+CASES = {
+    "text": {"messages": TEXT, "max_tokens": 16},
+    "image": {"messages": image_messages(), "max_tokens": 16},
+    "json_schema": {
+        "messages": image_messages(),
+        "max_tokens": 120,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+    },
+    "regex": {"messages": TEXT, "max_tokens": 16, "structured_outputs": {"regex": "[a-z]{2,9}"}},
+    "logprobs": {
+        "messages": image_messages(),
+        "max_tokens": 8,
+        "logprobs": True,
+        "top_logprobs": 3,
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("case", list(CASES))
+async def test_the_route_answers_as_vllm_serve_does(worker, vllm_server, case, stream):
+    body = {**CASES[case], "temperature": 0.0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    theirs, ours = vllm_answer(vllm_server, body), await our_answer(worker, body)
+    if stream:
+        theirs, ours = reassemble(theirs), reassemble(ours)
+    else:
+        assert ours["object"] == theirs["object"] == "chat.completion"
+        assert set(ours["choices"][0]) >= {"index", "message", "finish_reason", "logprobs"}
+        theirs, ours = message(theirs), message(ours)
+    assert ours["content"] == theirs["content"]
+    assert ours["finish_reason"] == theirs["finish_reason"]
+    usage_keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert {k: ours["usage"][k] for k in usage_keys} == {k: theirs["usage"][k] for k in usage_keys}
+    same_logprobs(ours["logprobs"], theirs["logprobs"])
+    if case == "json_schema" and ours["finish_reason"] == "stop":
+        assert set(json.loads(ours["content"])) == {"x", "y"}
+    if case == "logprobs":
+        assert len(ours["logprobs"]) == ours["usage"]["completion_tokens"]
