@@ -75,17 +75,45 @@ async def test_logprobs_per_token_non_streamed_and_streamed(worker):
     assert len(entries) == final["usage"]["completion_tokens"] == 12
     assert same_text("".join(e["token"] for e in entries), final["text"])
     for e in entries:
-        assert e["logprob"] <= 0 and len(e["top_logprobs"]) == 3
+        # vLLM's step: the token itself, then the 3 most likely (it may be one of them)
+        top = e["top_logprobs"]
+        assert e["logprob"] <= 0 and len(top) in (3, 4) and top[0]["token"] == e["token"]
         assert e["bytes"] == list(e["token"].encode("utf-8", "replace"))
-        assert max(t["logprob"] for t in e["top_logprobs"]) >= e["logprob"] - 1e-6
+        assert max(t["logprob"] for t in top) >= e["logprob"] - 1e-6
 
     streamed = await collect(
         worker,
         image_job(data_uri(screenshot(320, 200, 4)), max_tokens=12, ignore_eos=True, logprobs=0),
     )
     tokens = [e for c in streamed for e in c.get("logprobs", [])]
-    assert len(tokens) == 12 and all(e["top_logprobs"] == [] for e in tokens)
+    assert len(tokens) == 12
+    assert all([t["token"] for t in e["top_logprobs"]] == [e["token"]] for e in tokens)
     assert same_text("".join(e["token"] for e in tokens), "".join(c["text"] for c in streamed))
     # no logprobs asked: none sent
     plain = await final_of(worker, job(max_tokens=4))
     assert "logprobs" not in plain
+
+
+async def test_a_raw_prompt_reaches_the_engine_without_the_chat_template(worker):
+    """worker-vllm's ``{"prompt": ...}`` job: the text as it is, with its tokens' logprobs."""
+    text = "Write a short poem about artificial intelligence."
+    final = await final_of(
+        worker,
+        {
+            "prompt": text,
+            "max_tokens": 6,
+            "ignore_eos": True,
+            "stream": False,
+            "prompt_logprobs": 1,
+        },
+    )
+    ids = worker.engine.info.tokenizer.encode(text)
+    assert final["usage"]["prompt_tokens"] == len(ids)  # no template around it
+    prompt_entries = final["prompt_logprobs"]
+    assert len(prompt_entries) == len(ids) and prompt_entries[0]["logprob"] is None
+    assert all(e["logprob"] <= 0 for e in prompt_entries[1:])
+    # the same text as one user message, through the template, is longer
+    templated = await final_of(
+        worker, {"prompt": text, "apply_chat_template": True, "max_tokens": 2, "stream": False}
+    )
+    assert templated["usage"]["prompt_tokens"] > len(ids)

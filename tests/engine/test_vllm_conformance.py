@@ -90,9 +90,9 @@ def vllm_server(tiny_model: str) -> Iterator[str]:
             proc.kill()
 
 
-def vllm_answer(base: str, body: dict[str, Any]) -> Any:
+def vllm_answer(base: str, body: dict[str, Any], route: str = "/v1/chat/completions") -> Any:
     req = urllib.request.Request(
-        base + "/v1/chat/completions",
+        base + route,
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
@@ -107,8 +107,8 @@ def vllm_answer(base: str, body: dict[str, Any]) -> Any:
     ]
 
 
-async def our_answer(worker: Any, body: dict[str, Any]) -> Any:
-    job = {"openai_route": "/v1/chat/completions", "openai_input": body}
+async def our_answer(worker: Any, body: dict[str, Any], route: str = "/v1/chat/completions") -> Any:
+    job = {"openai_route": route, "openai_input": body}
     out = await collect(worker, job)
     if not body.get("stream"):
         (single,) = out
@@ -206,3 +206,64 @@ async def test_the_route_answers_as_vllm_serve_does(worker, vllm_server, case, s
         assert set(json.loads(ours["content"])) == {"x", "y"}
     if case == "logprobs":
         assert len(ours["logprobs"]) == ours["usage"]["completion_tokens"]
+
+
+PROMPT = "Once upon a time, a screen"
+COMPLETIONS = {
+    "default_length": {"prompt": PROMPT},
+    "text": {"prompt": PROMPT, "max_tokens": 12},
+    "logprobs": {"prompt": PROMPT, "max_tokens": 8, "logprobs": 2},
+    "echo": {"prompt": PROMPT, "max_tokens": 5, "echo": True},
+    "echo_logprobs": {"prompt": PROMPT, "max_tokens": 5, "echo": True, "logprobs": 1},
+}
+
+
+def text_choice(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A streamed completion as one choice; logprobs' lists joined, offsets dropped (each
+    side counts them from its own chunking)."""
+    text, finish, usage = "", None, None
+    logprobs: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    for chunk in chunks:
+        usage = chunk.get("usage") or usage
+        for choice in chunk["choices"]:
+            text += choice["text"]
+            finish = choice.get("finish_reason") or finish
+            for key in logprobs:
+                logprobs[key] += (choice.get("logprobs") or {}).get(key) or []
+    return {"text": text, "finish_reason": finish, "logprobs": logprobs, "usage": usage}
+
+
+def close(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-3
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("case", list(COMPLETIONS))
+async def test_completions_answer_as_vllm_serve_does(worker, vllm_server, case, stream):
+    body = {**COMPLETIONS[case], "temperature": 0.0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    route = "/v1/completions"
+    theirs = vllm_answer(vllm_server, body, route)
+    ours = await our_answer(worker, body, route)
+    if stream:
+        theirs, ours = text_choice(theirs), text_choice(ours)
+        if "logprobs" not in body:
+            theirs["logprobs"] = ours["logprobs"] = None
+    else:
+        assert ours["object"] == theirs["object"] == "text_completion"
+        theirs = {**theirs["choices"][0], "usage": theirs["usage"]}
+        ours = {**ours["choices"][0], "usage": ours["usage"]}
+    assert ours["text"] == theirs["text"]
+    if body.get("echo"):
+        assert ours["text"].startswith(PROMPT)
+    assert ours["finish_reason"] == theirs["finish_reason"]
+    usage_keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert {k: ours["usage"][k] for k in usage_keys} == {k: theirs["usage"][k] for k in usage_keys}
+    assert close(ours["logprobs"], theirs["logprobs"]), (ours["logprobs"], theirs["logprobs"])

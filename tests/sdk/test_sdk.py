@@ -161,3 +161,59 @@ def test_run_then_stream(api_server):
     assert res["status"] == "COMPLETED"
     chunks = [s["output"] for s in res["stream"]]
     assert chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+WORKER_VLLM_SHAPES = {
+    # RunPod worker-vllm's own Hub test, as it sends it
+    "hub_prompt": {"prompt": "Write a short poem about artificial intelligence."},
+    "native_chat": {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "sampling_params": {"max_tokens": 10, "temperature": 0.7},
+    },
+    "native_batching": {
+        "prompt": "Count:",
+        "stream": True,
+        "sampling_params": {"max_tokens": 12, "ignore_eos": True},
+        "min_batch_size": 2,
+        "max_batch_size": 4,
+        "batch_size_growth_factor": 2,
+    },
+    "openai_chat": {
+        "openai_route": "/v1/chat/completions",
+        "openai_input": {
+            "model": "tiny-qwen2.5-vl",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 8,
+        },
+    },
+    "openai_input_alone": {"openai_input": {"messages": [{"role": "user", "content": "Hi"}]}},
+    "openai_completions": {
+        "openai_route": "/v1/completions",
+        "openai_input": {"prompt": "Once upon a time", "max_tokens": 8, "stream": True},
+    },
+    "route_body": {"route": "/v1/completions", "body": {"prompt": "Hi", "max_tokens": 4}},
+    "models": {"openai_route": "/v1/models"},
+}
+
+
+@pytest.mark.parametrize("shape", list(WORKER_VLLM_SHAPES))
+def test_the_job_shapes_runpods_worker_vllm_takes_are_answered(api_server, shape):
+    res = _post(api_server + "/runsync", {"input": WORKER_VLLM_SHAPES[shape]})
+    assert res["status"] == "COMPLETED", res
+    output = res["output"]
+    assert not any(isinstance(c, dict) and "error" in c for c in output), output
+    if shape == "models":
+        assert output[0]["data"][0]["id"] == "tiny-qwen2.5-vl"
+    elif shape == "openai_completions":  # SSE text, as the gateway relays it
+        events = [e for e in "".join(output).split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[0].removeprefix("data: "))["object"] == "text_completion"
+    elif shape.startswith(("openai", "route")):
+        (answer,) = output
+        assert answer["choices"][0] and answer["usage"]["completion_tokens"] > 0
+    else:
+        assert output[-1]["usage"]["completion_tokens"] > 0
+        assert "".join(c.get("text", "") for c in output)
+    if shape == "native_batching":
+        sizes = [len(c["text"]) for c in output[:-1]]
+        assert len(sizes) >= 2, output  # streamed in batches of 2, then 4 tokens

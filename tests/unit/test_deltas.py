@@ -83,18 +83,20 @@ def test_logprobs_merge_in_token_order():
     assert plain.logprobs is None
 
 
-def test_token_logprobs_take_vllms_dict_in_order_as_vllm_serve_does():
+def test_token_logprobs_keep_vllms_step_in_order_and_the_chat_route_cuts_it():
     from collections import namedtuple
 
+    from vlm_worker.contract.openai_shapes import ChatFormatter
     from vlm_worker.engine.vllm_engine import token_logprobs
 
     lp = namedtuple("Logprob", "logprob rank decoded_token")
-    # vLLM's per-step dict: the sampled token first (here rank 2), then the top ones
+    # vLLM's per-step dict: the sampled token first (here rank 3), then the top two
     steps = [
-        {7: lp(-1.5, 2, "é"), 3: lp(-0.5, 1, "a"), 7.5: lp(-1.5, 2, "x")},
+        {7: lp(-1.5, 3, "é"), 3: lp(-0.5, 1, "a"), 8: lp(-1.0, 2, "x")},
         {9: lp(-float("inf"), 1, "z")},
+        None,  # a prompt's first token: vLLM has no step for it
     ]
-    out = token_logprobs([7, 9], steps, 2)
+    out = token_logprobs([7, 9, 5], steps, decode=lambda token_id: f"<{token_id}>")
     assert out[0] == {
         "token": "é",
         "logprob": -1.5,
@@ -102,7 +104,12 @@ def test_token_logprobs_take_vllms_dict_in_order_as_vllm_serve_does():
         "top_logprobs": [
             {"token": "é", "logprob": -1.5, "bytes": [195, 169]},
             {"token": "a", "logprob": -0.5, "bytes": [97]},
+            {"token": "x", "logprob": -1.0, "bytes": [120]},
         ],
     }
     assert out[1]["logprob"] == -9999.0 and out[1]["top_logprobs"][0]["logprob"] == -9999.0
-    assert token_logprobs([7], steps[:1], 0)[0]["top_logprobs"] == []
+    assert out[2] == {"token": "<5>", "logprob": None, "bytes": list(b"<5>"), "top_logprobs": None}
+    # the chat route keeps the first top_logprobs entries, as vllm serve does
+    (first, *_) = ChatFormatter("m", False, top_logprobs=2).logprobs(out)["content"]
+    assert [t["token"] for t in first["top_logprobs"]] == ["é", "a"]
+    assert ChatFormatter("m", False).logprobs(out)["content"][0]["top_logprobs"] == []

@@ -248,3 +248,19 @@ async def test_preparations_outside_jobs_count_as_company(info):
     await asyncio.gather(*(runner.prepare(image_job(), f"p{i}") for i in range(2)))
     assert seen == [False, False]
     assert runner.preparing == 0
+
+
+async def test_a_job_may_set_its_own_stream_batching(info):
+    from vlm_worker.engine.deltas import FINAL_ONLY, BatchPolicy
+
+    runner = runner_for(info, [tok("a", True, "stop", prompt=3)])
+    await run(runner, {"prompt": "x", "min_batch_size": 2, "max_batch_size": 4})
+    await run(runner, {"prompt": "x", "batch_size_growth_factor": 1.5, "max_batch_size": 1})
+    await run(runner, {"prompt": "x"})
+    await run(runner, {"prompt": "x", "stream": False, "max_batch_size": 9})
+    own, capped, default, whole = (r.batch for r in runner.engine.requests)
+    assert own == BatchPolicy(2, 4, runner.policy.growth)
+    assert capped == BatchPolicy(1, 1, 1.5)  # min never above max
+    assert default == runner.policy and whole == FINAL_ONLY
+    # a raw prompt reaches the engine as text, for vLLM to tokenize as vllm serve does
+    assert all(r.prompt == "x" and r.prompt_token_ids is None for r in runner.engine.requests)

@@ -147,6 +147,8 @@ class SamplingOptions(BaseModel):
     #: Log probabilities of each generated token and of this many top alternatives (0:
     #: the generated token's only), in OpenAI's per-token shape.
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    #: The same for the prompt's tokens (the first has none), in the final chunk.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
@@ -174,7 +176,9 @@ _SAMPLING_KEYS = set(SamplingOptions.model_fields) | {"max_new_tokens"}
 class Job(BaseModel):
     """A native job's ``input``.
 
-    ``task`` "chat" (the default) takes ``messages``. ``task`` "grounding" takes either the
+    ``task`` "chat" (the default) takes ``messages``, or a raw ``prompt`` that reaches the
+    engine as it is, without the chat template (``apply_chat_template: true`` makes it one
+    user message instead). ``task`` "grounding" takes either the
     shortcut ``instruction`` + ``image`` or ``messages`` holding exactly one image; the
     worker adds the system prompt (``system_prompt`` overrides its text). The rules that
     span fields are in ``check_task``, which names the field at fault.
@@ -184,11 +188,27 @@ class Job(BaseModel):
 
     task: Literal["chat", "grounding"] = "chat"
     messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    prompt: NonEmptyStr | None = None
+    apply_chat_template: bool | None = None
     instruction: str | None = None
     image: NonEmptyStr | None = None
     system_prompt: NonEmptyStr | None = None
     sampling_params: SamplingOptions = Field(default_factory=SamplingOptions)
     stream: bool = True
+    # This job's stream batching (RunPod's worker-vllm names): unset, the worker's settings
+    min_batch_size: int | None = Field(None, ge=1, le=4096)
+    max_batch_size: int | None = Field(None, ge=1, le=4096)
+    batch_size_growth_factor: float | None = Field(None, ge=1.0, le=100.0)
+
+    @property
+    def raw_prompt(self) -> bool:
+        """The prompt goes to the engine as it is, not through the chat template."""
+        return self.prompt is not None and not self.apply_chat_template
+
+    def chat_messages(self) -> list[Message]:
+        if self.messages is not None:
+            return self.messages
+        return [Message(role="user", content=self.prompt or "")]
 
     @model_validator(mode="before")
     @classmethod
@@ -213,7 +233,7 @@ class Job(BaseModel):
         if self.image is not None:
             return [("image", self.image)]
         found = []
-        for i, message in enumerate(self.messages or ()):
+        for i, message in enumerate(self.messages or ()):  # a raw prompt carries none
             if isinstance(message.content, str):
                 continue
             for j, part in enumerate(message.content):
@@ -286,9 +306,22 @@ def check_task(job: Job) -> None:
         for name in _GROUNDING_ONLY:
             if getattr(job, name) is not None:
                 raise InvalidInput(f"{name}: only used with task 'grounding'", field=name)
-        if job.messages is None:
-            raise InvalidInput("messages: Field required", field="messages")
+        if job.messages is None and job.prompt is None:
+            raise InvalidInput(
+                "messages: Field required (or prompt, a raw text prompt)", field="messages"
+            )
+        if job.messages is not None and job.prompt is not None:
+            raise InvalidInput("prompt: give messages or prompt, not both", field="prompt")
+        if job.messages is not None and job.apply_chat_template is False:
+            raise InvalidInput(
+                "apply_chat_template: messages always go through the chat template; send a "
+                "raw prompt instead",
+                field="apply_chat_template",
+            )
         return
+    for name in ("prompt", "apply_chat_template"):
+        if getattr(job, name) is not None:
+            raise InvalidInput(f"{name}: only used with task 'chat'", field=name)
     if job.messages is None:
         if job.instruction is None:
             raise InvalidInput(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,6 +24,7 @@ from vlm_worker.contract.errors import ErrorBody, InvalidInput
 from vlm_worker.contract.job_schema import MAX_TOP_LOGPROBS, validation_error_to_invalid_input
 
 ROUTE_CHAT = "/v1/chat/completions"
+ROUTE_COMPLETIONS = "/v1/completions"
 ROUTE_MODELS = "/v1/models"
 
 #: Request fields OpenAI defines that this worker cannot honour: refused by name rather
@@ -38,6 +39,15 @@ UNSUPPORTED = {
     "prediction": "predicted outputs are not supported",
     "web_search_options": "web search is not supported",
     "parallel_tool_calls": "tool calling is not supported",
+}
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+#: Completions fields this worker cannot honour.
+UNSUPPORTED_COMPLETIONS = {
+    "suffix": "suffix (insertion) is not supported",
+    "best_of": "best_of is not supported",
 }
 
 
@@ -61,15 +71,13 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
-class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat request (plus vLLM's sampling extras) that maps onto a job."""
+class SamplingRequest(BaseModel):
+    """The fields OpenAI's chat and completions requests share (plus vLLM's extras)."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    messages: list[dict[str, Any]] = Field(min_length=1)
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
@@ -87,11 +95,32 @@ class ChatRequest(BaseModel):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
+    # vLLM's extra: {json | regex | choice | grammar | json_object}, as on native jobs
+    structured_outputs: dict[str, Any] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(SamplingRequest):
+    """The subset of OpenAI's chat request that maps onto a job."""
+
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
-    # vLLM's extra: {json | regex | choice | grammar | json_object}, as on native jobs
-    structured_outputs: dict[str, Any] | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's (legacy) completions request: a text prompt, continued as it is."""
+
+    prompt: str | list[str] = Field(min_length=1)
+    # OpenAI's and vLLM's default for this route, unlike chat's
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
 
 
 # --------------------------------------------------------------------- errors
@@ -136,21 +165,27 @@ def from_worker_error(
 # ------------------------------------------------------------- translation in
 def parse_request(body: Any) -> ChatRequest:
     """Validate a chat request body; OpenAI features we lack are refused by name first."""
+    return _parse(body, ChatRequest, UNSUPPORTED)
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    return _parse(body, CompletionRequest, UNSUPPORTED_COMPLETIONS)
+
+
+def _parse(body: Any, model: type[RequestT], refused: dict[str, str]) -> RequestT:
     if not isinstance(body, dict):
         raise InvalidInput("openai_input must be the JSON request body", field="openai_input")
-    for name, why in UNSUPPORTED.items():
+    for name, why in refused.items():
         if name in body:
             raise InvalidInput(f"{name}: {why}", field=name)
     try:
-        return ChatRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         raise validation_error_to_invalid_input(exc) from None
 
 
 def to_native(req: ChatRequest) -> dict[str, Any]:
     """The native job input for an OpenAI chat request (errors name OpenAI's fields)."""
-    if req.n != 1:
-        raise InvalidInput(f"n: only n=1 is supported, got {req.n}", field="n")
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise InvalidInput(
             "set max_tokens or max_completion_tokens, not both", field="max_completion_tokens"
@@ -173,11 +208,46 @@ def to_native(req: ChatRequest) -> dict[str, Any]:
                 field=f"messages[{i}].content",
             )
         messages.append(msg)
-    native: dict[str, Any] = {"messages": messages, "stream": req.stream}
+    native: dict[str, Any] = {"messages": messages, **_sampling(req)}
+    if req.max_completion_tokens is not None:
+        native["max_tokens"] = req.max_completion_tokens
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidInput("top_logprobs: requires logprobs: true", field="top_logprobs")
+    if req.logprobs:
+        native["logprobs"] = req.top_logprobs or 0
+    structured = structured_outputs(req)
+    if structured is not None:
+        native["structured_outputs"] = structured
+    return native
+
+
+def completion_to_native(req: CompletionRequest) -> dict[str, Any]:
+    """The native job for a completions request: a raw prompt, no chat template."""
+    prompt = req.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise InvalidInput(
+                f"prompt: one prompt per request is served, got {len(prompt)}", field="prompt"
+            )
+        prompt = prompt[0]
+    if not prompt:
+        raise InvalidInput("prompt: must not be empty", field="prompt")
+    native: dict[str, Any] = {"prompt": prompt, **_sampling(req)}
+    if req.logprobs is not None:
+        native["logprobs"] = req.logprobs
+        if req.echo:  # the prompt's tokens are echoed with theirs, as vllm serve does
+            native["prompt_logprobs"] = req.logprobs
+    if req.structured_outputs is not None:
+        native["structured_outputs"] = req.structured_outputs
+    return native
+
+
+def _sampling(req: SamplingRequest) -> dict[str, Any]:
+    if req.n != 1:
+        raise InvalidInput(f"n: only n=1 is supported, got {req.n}", field="n")
     sampling = {
-        "max_tokens": req.max_completion_tokens
-        if req.max_completion_tokens is not None
-        else req.max_tokens,
+        "stream": req.stream,
+        "max_tokens": req.max_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
         "stop": req.stop,
@@ -191,15 +261,7 @@ def to_native(req: ChatRequest) -> dict[str, Any]:
         "ignore_eos": req.ignore_eos,
         "logit_bias": req.logit_bias,
     }
-    native.update({k: v for k, v in sampling.items() if v is not None})
-    if req.top_logprobs is not None and not req.logprobs:
-        raise InvalidInput("top_logprobs: requires logprobs: true", field="top_logprobs")
-    if req.logprobs:
-        native["logprobs"] = req.top_logprobs or 0
-    structured = structured_outputs(req)
-    if structured is not None:
-        native["structured_outputs"] = structured
-    return native
+    return {k: v for k, v in sampling.items() if v is not None}
 
 
 def structured_outputs(req: ChatRequest) -> dict[str, Any] | None:
@@ -223,8 +285,10 @@ def structured_outputs(req: ChatRequest) -> dict[str, Any] | None:
     return req.structured_outputs
 
 
-def field_aliases(req: ChatRequest) -> dict[str, str]:
+def field_aliases(req: ChatRequest | CompletionRequest) -> dict[str, str]:
     """The request's own name for native fields an error may name."""
+    if isinstance(req, CompletionRequest):
+        return {"sampling_params.prompt_logprobs": "logprobs", "messages": "prompt"}
     aliases = {"sampling_params.logprobs": "top_logprobs" if req.top_logprobs else "logprobs"}
     if req.response_format is not None and req.response_format.type != "text":
         aliases["sampling_params.structured_outputs"] = "response_format"
@@ -235,11 +299,29 @@ def field_aliases(req: ChatRequest) -> dict[str, str]:
 class ChatFormatter:
     """Builds OpenAI response objects for one request."""
 
-    def __init__(self, model: str, include_usage: bool) -> None:
+    def __init__(self, model: str, include_usage: bool, top_logprobs: int = 0) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.top_logprobs = top_logprobs
+
+    def logprobs(self, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        """OpenAI's ``choice.logprobs``: per token, the first ``top_logprobs`` entries of
+        vLLM's step, as ``vllm serve``'s chat route cuts them."""
+        if entries is None:
+            return None
+        return {
+            "content": [
+                {
+                    "token": e["token"],
+                    "logprob": -9999.0 if e["logprob"] is None else e["logprob"],
+                    "bytes": e["bytes"],
+                    "top_logprobs": (e["top_logprobs"] or [])[: self.top_logprobs],
+                }
+                for e in entries
+            ]
+        }
 
     def completion(self, final: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -252,7 +334,7 @@ class ChatFormatter:
                     "index": 0,
                     "message": {"role": "assistant", "content": final.get("text", "")},
                     "finish_reason": final.get("finish_reason"),
-                    "logprobs": _logprobs(final),
+                    "logprobs": self.logprobs(final.get("logprobs")),
                 }
             ],
             "usage": final.get("usage"),
@@ -274,7 +356,7 @@ class ChatFormatter:
                     "index": 0,
                     "delta": delta,
                     "finish_reason": finish_reason,
-                    "logprobs": None if logprobs is None else {"content": logprobs},
+                    "logprobs": self.logprobs(logprobs),
                 }
             ],
         }
@@ -290,12 +372,92 @@ class ChatFormatter:
         }
 
 
-def _logprobs(chunk: dict[str, Any]) -> dict[str, Any] | None:
-    return {"content": chunk["logprobs"]} if "logprobs" in chunk else None
-
-
 def sse(obj: dict[str, Any] | str) -> str:
     data = (
         obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     )
     return f"data: {data}\n\n"
+
+
+class CompletionFormatter:
+    """Builds OpenAI ``text_completion`` objects for one completions request, echo and
+    logprobs included, as ``vllm serve`` builds them."""
+
+    def __init__(self, model: str, req: CompletionRequest, prompt: str) -> None:
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = req.include_usage
+        self.top_logprobs = req.logprobs
+        self.echo = req.echo
+        self.prompt = prompt
+        self._echoed = False
+        self._text_len = 0  # of generated text streamed so far: the next logprob offset
+
+    def _with_echo(self, chunk: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
+        """This chunk's text and logprob entries, the prompt's put first once if echoed."""
+        text, entries = chunk.get("text", ""), chunk.get("logprobs")
+        if self.echo and not self._echoed:
+            self._echoed = True
+            text = self.prompt + text
+            if entries is not None:
+                entries = [*(chunk.get("prompt_logprobs") or []), *entries]
+        return text, entries
+
+    def logprobs(self, entries: list[dict[str, Any]] | None, offset: int) -> dict[str, Any] | None:
+        """The completions route's logprobs: parallel lists, and per token a dict of the
+        step's first ``logprobs + 1`` entries (OpenAI returns one more than asked)."""
+        if entries is None or self.top_logprobs is None:
+            return None
+        offsets, at = [], offset
+        for e in entries:
+            offsets.append(at)
+            at += len(e["token"])
+        return {
+            "text_offset": offsets,
+            "token_logprobs": [e["logprob"] for e in entries],
+            "tokens": [e["token"] for e in entries],
+            "top_logprobs": [
+                None
+                if e["top_logprobs"] is None
+                else {t["token"]: t["logprob"] for t in e["top_logprobs"][: self.top_logprobs + 1]}
+                for e in entries
+            ],
+        }
+
+    def _choice(self, text: str, logprobs: Any, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def completion(self, final: dict[str, Any]) -> dict[str, Any]:
+        text, entries = self._with_echo(final)
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [self._choice(text, self.logprobs(entries, 0), final.get("finish_reason"))],
+            "usage": final.get("usage"),
+        }
+
+    def chunk(self, native: dict[str, Any]) -> dict[str, Any]:
+        """A streamed chunk for one native chunk (the final one carries the finish reason)."""
+        text, entries = self._with_echo(native)
+        logprobs = self.logprobs(entries, self._text_len)
+        self._text_len += len(native.get("text", ""))
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [self._choice(text, logprobs, native.get("finish_reason"))],
+        }
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage,
+        }

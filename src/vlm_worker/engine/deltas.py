@@ -24,8 +24,11 @@ class Delta:
     first_token_at: float | None = None  # perf_counter() when this delta's first token was seen
     #: One entry per token, in OpenAI's shape, when the request asked for logprobs.
     logprobs: list[dict[str, Any]] | None = None
+    #: The prompt's tokens in the same shape, once, when the request asked for them.
+    prompt_logprobs: list[dict[str, Any]] | None = None
 
     def merge(self, other: Delta) -> None:
+        self.prompt_logprobs = self.prompt_logprobs or other.prompt_logprobs
         if other.logprobs is not None:
             if self.logprobs is None:
                 self.logprobs = list(other.logprobs)

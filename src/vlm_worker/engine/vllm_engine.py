@@ -112,6 +112,9 @@ class VllmEngine:
     def dead(self) -> bool:
         return bool(self._llm.errored) or self._closed
 
+    def _decode(self, token_id: int) -> str:
+        return str(self.info.tokenizer.decode([token_id]))
+
     async def num_unfinished(self) -> int:
         """Requests vLLM still tracks: zero once every job has ended, however it ended."""
         fut = asyncio.run_coroutine_threadsafe(self._unfinished(), self._loop)
@@ -126,7 +129,9 @@ class VllmEngine:
         if self.dead:
             raise EngineDead("the engine has stopped; this worker is restarting")
         params = _sampling_params(request.sampling)
-        top_logprobs = request.sampling.get("logprobs")
+        logprobs = request.sampling.get("logprobs") is not None
+        prompt_logprobs = request.sampling.get("prompt_logprobs") is not None
+        decode = self._decode
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         put = queue.put_nowait
@@ -147,7 +152,8 @@ class VllmEngine:
             try:
                 finished = False
                 async for out in self._llm.generate(prompt, params, request.request_id):
-                    batch = batcher.add(_delta(out, top_logprobs))
+                    delta = _delta(out, logprobs, prompt_logprobs, decode)
+                    batch = batcher.add(delta)
                     if batch is not None:
                         finished = batch.finished
                         caller.call_soon_threadsafe(put, batch)
@@ -205,10 +211,10 @@ def _sampling_params(values: dict[str, Any]) -> Any:
         ) from exc
 
 
-def _delta(out: Any, top_logprobs: int | None) -> Delta:
+def _delta(out: Any, logprobs: bool, prompt_logprobs: bool, decode: Decode) -> Delta:
     completion = out.outputs[0] if out.outputs else None
     tokens = len(completion.token_ids) if completion is not None else 0
-    return Delta(
+    delta = Delta(
         text=completion.text if completion is not None else "",
         tokens=tokens,
         prompt_tokens=len(out.prompt_token_ids) if out.prompt_token_ids is not None else None,
@@ -216,45 +222,62 @@ def _delta(out: Any, top_logprobs: int | None) -> Delta:
         finish_reason=completion.finish_reason if completion is not None else None,
         stop_reason=completion.stop_reason if completion is not None else None,
         first_token_at=time.perf_counter() if tokens else None,
-        logprobs=(
-            token_logprobs(completion.token_ids, completion.logprobs, top_logprobs)
-            if top_logprobs is not None and completion is not None
-            else None
-        ),
     )
+    if logprobs and completion is not None:
+        delta.logprobs = token_logprobs(completion.token_ids, completion.logprobs, decode)
+    if prompt_logprobs and out.prompt_logprobs is not None and out.prompt_token_ids is not None:
+        delta.prompt_logprobs = token_logprobs(out.prompt_token_ids, out.prompt_logprobs, decode)
+    return delta
+
+
+#: One token id -> its text, for a token vLLM reports no logprob for (a prompt's first).
+Decode = Callable[[int], str]
 
 
 def token_logprobs(
-    token_ids: Sequence[int], steps: Sequence[dict[int, Any] | None] | None, top: int
+    token_ids: Sequence[int], steps: Sequence[dict[int, Any] | None] | None, decode: Decode
 ) -> list[dict[str, Any]]:
-    """Each generated token's log probability in OpenAI's shape, built as ``vllm serve``
-    builds it: the token's own entry, then the first ``top`` entries of vLLM's per-step
-    dict (the sampled token first, then the most likely), floored at -9999."""
-    out = []
+    """Each token's log probability, in OpenAI's per-token shape, from vLLM's per-step
+    dicts: the token's own entry, and in ``top_logprobs`` every entry of the step in
+    vLLM's order (the token itself first, then the most likely), floored at -9999 as
+    ``vllm serve`` does. The routes cut ``top_logprobs`` to what their API returns. A
+    step vLLM has no dict for (a prompt's first token) has ``None`` for both."""
+    out: list[dict[str, Any]] = []
     for i, token_id in enumerate(token_ids):
         step = steps[i] if steps is not None and i < len(steps) else None
         own = step.get(token_id) if step is not None else None
-        if own is None:  # vLLM reports no logprob for this token: the text alone
-            out.append({"token": "", "logprob": -9999.0, "bytes": [], "top_logprobs": []})
+        if step is None or own is None:
+            text = decode(token_id)
+            out.append(
+                {"token": text, "logprob": None, "bytes": _bytes(text), "top_logprobs": None}
+            )
             continue
         decoded = own.decoded_token
         out.append(
             {
-                "token": decoded or "",
+                "token": _decoded(own, token_id, decode),
                 "logprob": max(own.logprob, -9999.0),
-                "bytes": None if decoded is None else list(decoded.encode("utf-8", "replace")),
+                "bytes": None if decoded is None else _bytes(decoded),
                 "top_logprobs": [
                     {
-                        "token": (alt.decoded_token or ""),
+                        "token": (text := _decoded(alt, alt_id, decode)),
                         "logprob": max(alt.logprob, -9999.0),
-                        "bytes": list((alt.decoded_token or "").encode("utf-8", "replace")),
+                        "bytes": _bytes(text),
                     }
-                    for n, alt in enumerate(step.values())
-                    if n < top
+                    for alt_id, alt in step.items()
                 ],
             }
         )
     return out
+
+
+def _decoded(logprob: Any, token_id: int, decode: Decode) -> str:
+    """vLLM's text for the token (possibly empty), or the tokenizer's when it has none."""
+    return logprob.decoded_token if logprob.decoded_token is not None else decode(token_id)
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
 
 
 #: Words in vLLM's messages about a structured-output request it cannot compile.

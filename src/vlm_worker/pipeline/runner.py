@@ -232,7 +232,8 @@ class JobRunner:
         tokens = self._prompt_tokens(len(ids), images)
         sampling, warnings = self._sampling(job, tokens)
         mm_kwargs = bounds.processor_kwargs() if bounds else None
-        return Prepared(job, text, images, tokens, sampling, warnings, mm_kwargs, ids)
+        ids_for_engine = None if job.raw_prompt else ids
+        return Prepared(job, text, images, tokens, sampling, warnings, mm_kwargs, ids_for_engine)
 
     async def _image(
         self, field: str, source: str, geometry: ImageGeometry | None = None
@@ -253,12 +254,19 @@ class JobRunner:
         return image
 
     def _render(self, job: Job, images: list[PreparedImage]) -> tuple[str, list[int]]:
-        """The prompt text and its token ids, one per image placeholder."""
+        """The prompt text and its token ids, one per image placeholder.
+
+        A raw prompt is the text as it is; its ids here only count it, since vLLM
+        tokenizes it itself, as ``vllm serve`` does (special tokens such as a BOS added).
+        """
         started = time.perf_counter()
         info = self.engine.info
-        text = render(info.templater, self._messages(job, images), self._chat_template)
-        n_images = len(job.image_sources())
-        text = normalize_placeholders(text, n_images, info.placeholder, info.image_token)
+        if job.raw_prompt:
+            text = job.prompt or ""
+        else:
+            text = render(info.templater, self._messages(job, images), self._chat_template)
+            n_images = len(job.image_sources())
+            text = normalize_placeholders(text, n_images, info.placeholder, info.image_token)
         ids = info.text_token_ids(text)
         self.hooks.prompt_rendered(time.perf_counter() - started)
         return text, ids
@@ -277,7 +285,7 @@ class JobRunner:
     def _messages(job: Job, images: list[PreparedImage]) -> list[dict[str, Any]]:
         """Template messages; a grounding job's system prompt states its image's resized size."""
         if job.task != "grounding":
-            return template_messages(job.messages or [])
+            return template_messages(job.chat_messages())
         system = grounding.system_prompt(images[0].resized_size, job.system_prompt)
         if job.messages is None:
             return grounding.grounding_messages(system, job.instruction or "")
@@ -313,7 +321,7 @@ class JobRunner:
             prompt_token_ids=prepared.prompt_token_ids,
             sampling=prepared.sampling,
             mm_processor_kwargs=prepared.mm_processor_kwargs,
-            batch=self.policy if prepared.job.stream else FINAL_ONLY,
+            batch=self._batch_policy(prepared.job),
         )
         total = Delta()
         stream = prepared.job.stream
@@ -325,26 +333,38 @@ class JobRunner:
                 chunk: dict[str, Any] = {"text": delta.text}
                 if delta.logprobs is not None:
                     chunk["logprobs"] = delta.logprobs
+                if delta.prompt_logprobs is not None:
+                    chunk["prompt_logprobs"] = delta.prompt_logprobs
                 yield chunk
             elif delta.finished:
                 clock.end = time.perf_counter()
-                last = delta if stream else total
-                yield self._final(job_id, last.text, last.logprobs, total, prepared, clock)
+                yield self._final(job_id, delta if stream else total, total, prepared, clock)
+
+    def _batch_policy(self, job: Job) -> BatchPolicy:
+        """The settings' batching, or the job's own (worker-vllm's per-job fields)."""
+        if not job.stream:
+            return FINAL_ONLY
+        own = (job.min_batch_size, job.max_batch_size, job.batch_size_growth_factor)
+        if own == (None, None, None):
+            return self.policy
+        policy = self.policy
+        max_size = job.max_batch_size or policy.max_size
+        return BatchPolicy(
+            min(job.min_batch_size or policy.min_size, max_size),
+            max_size,
+            job.batch_size_growth_factor or policy.growth,
+        )
 
     def _final(
-        self,
-        job_id: str,
-        text: str,
-        logprobs: list[dict[str, Any]] | None,
-        total: Delta,
-        prepared: Prepared,
-        clock: Clock,
+        self, job_id: str, last: Delta, total: Delta, prepared: Prepared, clock: Clock
     ) -> dict[str, Any]:
+        """The job's last chunk: ``last`` is what it adds to the stream (all of it when
+        not streamed), ``total`` the whole job's counts."""
         prompt_tokens = (
             total.prompt_tokens if total.prompt_tokens is not None else prepared.prompt_tokens
         )
         chunk: dict[str, Any] = {
-            "text": text,
+            "text": last.text,
             "finish_reason": total.finish_reason,
             "usage": {
                 "prompt_tokens": prompt_tokens,
@@ -362,8 +382,10 @@ class JobRunner:
             )
         if total.stop_reason is not None:
             chunk["stop_reason"] = total.stop_reason
-        if logprobs is not None:
-            chunk["logprobs"] = logprobs
+        if last.logprobs is not None:
+            chunk["logprobs"] = last.logprobs
+        if last.prompt_logprobs is not None:
+            chunk["prompt_logprobs"] = last.prompt_logprobs
         if prepared.warnings:
             chunk["warnings"] = prepared.warnings
         log.info("job done", extra={"job_id": job_id, **chunk["usage"], **chunk["timings"]})

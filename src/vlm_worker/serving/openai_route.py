@@ -13,12 +13,16 @@ from typing import Any
 from vlm_worker.contract.errors import InvalidInput, WorkerError
 from vlm_worker.contract.openai_shapes import (
     ROUTE_CHAT,
+    ROUTE_COMPLETIONS,
     ROUTE_MODELS,
     ChatFormatter,
-    ChatRequest,
+    CompletionFormatter,
+    RequestT,
+    completion_to_native,
     field_aliases,
     from_worker_error,
     openai_error,
+    parse_completion_request,
     parse_request,
     sse,
     to_native,
@@ -41,63 +45,74 @@ class OpenAIRoute:
 
     async def handle(self, job_id: str, route: Any, body: Any) -> AsyncIterator[Any]:
         if route == ROUTE_MODELS:
-            yield {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model_id,
-                        "object": "model",
-                        "created": int(time.time()),
-                        "owned_by": "vlm-worker",
-                    }
-                ],
-            }
+            yield self._models()
             return
-        if route != ROUTE_CHAT:
+        if route not in (ROUTE_CHAT, ROUTE_COMPLETIONS):
             yield openai_error(
-                f"route {route!r} is not served; supported: {ROUTE_CHAT}, {ROUTE_MODELS}",
+                f"route {route!r} is not served; supported: {ROUTE_CHAT}, "
+                f"{ROUTE_COMPLETIONS}, {ROUTE_MODELS}",
                 param="openai_route",
                 code=404,
             )
             return
         try:
-            req = self._parse(body)
-            native = to_native(req)
+            if route == ROUTE_CHAT:
+                chat = self._check_model(parse_request(body))
+                native, aliases = to_native(chat), field_aliases(chat)
+                fmt: ChatFormatter | CompletionFormatter = ChatFormatter(
+                    self.model_id, chat.include_usage, chat.top_logprobs or 0
+                )
+                stream = chat.stream
+            else:
+                completion = self._check_model(parse_completion_request(body))
+                native, aliases = completion_to_native(completion), field_aliases(completion)
+                fmt = CompletionFormatter(self.model_id, completion, native["prompt"])
+                stream = completion.stream
         except ModelNotFound as err:
             yield openai_error(err.message, param="model", code="model_not_found")
             return
         except WorkerError as err:
             yield from_worker_error(err.to_dict()["error"])
             return
-        fmt = ChatFormatter(
-            self.model_id, bool(req.stream_options and req.stream_options.include_usage)
-        )
-        aliases = field_aliases(req)
         chunks = self.runner.run({"id": job_id, "input": native})
-        if req.stream:
-            async for item in self._stream(chunks, fmt, aliases):
+        if stream:
+            streamer = self._stream_chat if isinstance(fmt, ChatFormatter) else self._stream_text
+            async for item in streamer(chunks, fmt, aliases):  # type: ignore[arg-type]
                 yield item
-        else:
-            async for chunk in chunks:
-                if "error" in chunk:
-                    yield from_worker_error(chunk["error"], aliases)
-                else:
-                    yield fmt.completion(chunk)
+            return
+        async for chunk in chunks:
+            if "error" in chunk:
+                yield from_worker_error(chunk["error"], aliases)
+            else:
+                yield fmt.completion(chunk)
 
-    def _parse(self, body: Any) -> ChatRequest:
-        req = parse_request(body)
+    def _models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_id,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "vlm-worker",
+                }
+            ],
+        }
+
+    def _check_model(self, req: RequestT) -> RequestT:
+        model = getattr(req, "model", None)
         if (
-            req.model is not None
-            and req.model != self.model_id
+            model is not None
+            and model != self.model_id
             and not self.settings.openai_accept_any_model
         ):
             raise ModelNotFound(
-                f"The model `{req.model}` does not exist; this endpoint serves `{self.model_id}`",
+                f"The model `{model}` does not exist; this endpoint serves `{self.model_id}`",
                 field="model",
             )
         return req
 
-    async def _stream(
+    async def _stream_chat(
         self,
         chunks: AsyncIterator[dict[str, Any]],
         fmt: ChatFormatter,
@@ -123,6 +138,51 @@ class OpenAIRoute:
                 parts.append(sse("[DONE]"))
             yield "".join(parts)
 
+    async def _stream_text(
+        self,
+        chunks: AsyncIterator[dict[str, Any]],
+        fmt: CompletionFormatter,
+        aliases: dict[str, str],
+    ) -> AsyncIterator[Any]:
+        async for chunk in chunks:
+            if "error" in chunk:
+                yield from_worker_error(chunk["error"], aliases)
+                return
+            parts = [sse(fmt.chunk(chunk))]
+            if "finish_reason" in chunk:
+                if fmt.include_usage:
+                    parts.append(sse(fmt.usage_chunk(chunk["usage"])))
+                parts.append(sse("[DONE]"))
+            yield "".join(parts)
 
-def is_openai_job(job_input: Any) -> bool:
-    return isinstance(job_input, dict) and "openai_route" in job_input
+
+#: Keys of the job forms that carry an OpenAI request: RunPod's gateway sends
+#: ``openai_route`` (+ ``openai_input``); proxy workers also take ``route`` + ``body``.
+_OPENAI_KEYS = {"openai_route", "openai_input"}
+_ROUTE_KEYS = {"route", "body", "method"}
+
+
+def openai_request(job_input: Any) -> tuple[str, Any] | None:
+    """``(route, body)`` of a job in one of the OpenAI forms, or None for a native job.
+
+    ``{"openai_route", "openai_input"}`` as RunPod's gateway sends it (``openai_input``
+    alone means chat completions; ``openai_route`` alone, e.g. ``/v1/models``, a GET);
+    ``{"route", "body"[, "method"]}`` as generic proxy workers take it.
+    """
+    if not isinstance(job_input, dict):
+        return None
+    keys = set(job_input)
+    if keys & _OPENAI_KEYS:
+        extra = sorted(keys - _OPENAI_KEYS)
+        if extra:
+            raise InvalidInput(f"{extra[0]}: unknown field beside openai_route", field=extra[0])
+        return str(job_input.get("openai_route") or ROUTE_CHAT), job_input.get("openai_input")
+    if "route" in keys:
+        extra = sorted(keys - _ROUTE_KEYS)
+        if extra:
+            raise InvalidInput(f"{extra[0]}: unknown field beside route", field=extra[0])
+        method = str(job_input.get("method") or "").upper()
+        if method not in ("", "GET", "POST"):
+            raise InvalidInput(f"method: {method!r} is not served; GET or POST", field="method")
+        return str(job_input["route"]), job_input.get("body")
+    return None

@@ -33,14 +33,15 @@ from vlm_worker.config.model_source import (
     use_source,
 )
 from vlm_worker.config.settings import TINY_MODEL_DIR, WorkerSettings, load_worker_settings
-from vlm_worker.contract.errors import ConfigError, EngineDead, WorkerError
+from vlm_worker.contract.errors import ConfigError, EngineDead, InvalidInput, WorkerError
+from vlm_worker.contract.openai_shapes import from_worker_error
 from vlm_worker.engine.model_info import build_model_info, model_max_len
 from vlm_worker.engine.vllm_engine import VllmEngine
 from vlm_worker.pipeline.hooks import NO_HOOKS, PipelineHooks
 from vlm_worker.pipeline.image_pool import image_pool, thread_count, torch_threads
 from vlm_worker.pipeline.runner import JobRunner
 from vlm_worker.serving import logs
-from vlm_worker.serving.openai_route import OpenAIRoute, is_openai_job
+from vlm_worker.serving.openai_route import OpenAIRoute, openai_request
 
 log = logging.getLogger("vlm_worker.serving.worker")
 
@@ -63,11 +64,13 @@ class Worker:
 
     # The runpod SDK checks ``inspect.isasyncgenfunction``: this must stay an async generator.
     async def handler(self, job: dict[str, Any]) -> AsyncIterator[Any]:
-        job_input = job.get("input")
-        if is_openai_job(job_input):
-            chunks = self.openai.handle(
-                str(job.get("id")), job_input.get("openai_route"), job_input.get("openai_input")
-            )
+        try:
+            request = openai_request(job.get("input"))
+        except InvalidInput as err:  # an OpenAI-form job with a key of neither form
+            yield from_worker_error(err.to_dict()["error"])
+            return
+        if request is not None:
+            chunks = self.openai.handle(str(job.get("id")), *request)
         else:
             chunks = self.runner.run(job)
         async for chunk in chunks:
