@@ -206,6 +206,9 @@ async def test_the_route_answers_as_vllm_serve_does(worker, vllm_server, case, s
         assert set(json.loads(ours["content"])) == {"x", "y"}
     if case == "logprobs":
         assert len(ours["logprobs"]) == ours["usage"]["completion_tokens"]
+    if case == "template_kwargs":  # the variable reached the template: a longer prompt
+        plain = await our_answer(worker, {**CASES["image"], "max_tokens": 1})
+        assert ours["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
 
 
 PROMPT = "Once upon a time, a screen"

@@ -99,3 +99,43 @@ def test_completion_logprobs_echo_the_prompt_and_give_one_more_alternative():
     # the prompt once; offsets go on from the generated text's length, as vllm serve counts
     assert last["text"] == "de" and last["finish_reason"] == "length"
     assert last["logprobs"]["text_offset"] == [1]
+
+
+def test_chat_template_kwargs_pass_through_and_reserved_ones_are_refused():
+    from vlm_worker.contract.job_schema import parse_job
+    from vlm_worker.contract.openai_shapes import parse_request, to_native
+
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    native = to_native(parse_request({**body, "chat_template_kwargs": {"add_vision_id": True}}))
+    assert native["chat_template_kwargs"] == {"add_vision_id": True}
+    assert parse_job(native).chat_template_kwargs == {"add_vision_id": True}
+    with pytest.raises(InvalidInput) as info:
+        parse_job({**body, "chat_template_kwargs": {"tokenize": True}})
+    assert info.value.field == "chat_template_kwargs" and "tokenize" in info.value.message
+
+
+async def test_a_stream_that_fails_midway_ends_with_a_framed_error_and_done(processor):
+    """After the first SSE event the gateway has sent its status: the error must travel as
+    an event, and the stream must still end with [DONE]."""
+    import json
+
+    from support.fakes import ScriptedEngine, scripted_info, tok
+    from vlm_worker.config.settings import load_worker_settings
+    from vlm_worker.contract.errors import EngineError
+    from vlm_worker.pipeline.runner import JobRunner
+    from vlm_worker.serving.openai_route import OpenAIRoute
+
+    script = [tok("a", prompt=3), tok("b"), tok("c"), EngineError("the engine failed")]
+    runner = JobRunner(ScriptedEngine(scripted_info(processor), script), load_worker_settings({}))
+    route = OpenAIRoute(runner)
+    for path, body in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ]:
+        out = [c async for c in route.handle("j", path, {**body, "stream": True})]
+        assert all(isinstance(c, str) for c in out), out
+        *_, last = "".join(out).strip().split("\n\n")
+        events = "".join(out).strip().split("\n\n")
+        assert last == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "server_error" and "engine failed" in error["message"]

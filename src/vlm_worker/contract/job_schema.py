@@ -172,6 +172,21 @@ class SamplingOptions(BaseModel):
 
 _SAMPLING_KEYS = set(SamplingOptions.model_fields) | {"max_new_tokens"}
 
+#: Arguments of ``apply_chat_template`` that the worker sets itself.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "messages",
+        "conversation",
+        "chat_template",
+        "tokenize",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tools",
+        "documents",
+        "return_dict",
+    }
+)
+
 
 class Job(BaseModel):
     """A native job's ``input``.
@@ -195,10 +210,21 @@ class Job(BaseModel):
     system_prompt: NonEmptyStr | None = None
     sampling_params: SamplingOptions = Field(default_factory=SamplingOptions)
     stream: bool = True
+    #: Extra variables for the chat template (``{"add_vision_id": true}``,
+    #: ``{"enable_thinking": false}``), as vLLM's ``chat_template_kwargs``.
+    chat_template_kwargs: dict[str, Any] | None = None
     # This job's stream batching (RunPod's worker-vllm names): unset, the worker's settings
     min_batch_size: int | None = Field(None, ge=1, le=4096)
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     batch_size_growth_factor: float | None = Field(None, ge=1.0, le=100.0)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _check_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(set(value or ()) & RESERVED_TEMPLATE_KWARGS)
+        if taken:
+            raise ValueError(f"{taken[0]} is set by the worker, not by chat_template_kwargs")
+        return value
 
     @property
     def raw_prompt(self) -> bool:

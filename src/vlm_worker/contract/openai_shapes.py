@@ -111,6 +111,7 @@ class ChatRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -209,6 +210,8 @@ def to_native(req: ChatRequest) -> dict[str, Any]:
             )
         messages.append(msg)
     native: dict[str, Any] = {"messages": messages, **_sampling(req)}
+    if req.chat_template_kwargs is not None:
+        native["chat_template_kwargs"] = req.chat_template_kwargs
     if req.max_completion_tokens is not None:
         native["max_tokens"] = req.max_completion_tokens
     if req.top_logprobs is not None and not req.logprobs:

@@ -264,7 +264,8 @@ class JobRunner:
         if job.raw_prompt:
             text = job.prompt or ""
         else:
-            text = render(info.templater, self._messages(job, images), self._chat_template)
+            messages = self._messages(job, images)
+            text = render(info.templater, messages, self._chat_template, job.chat_template_kwargs)
             n_images = len(job.image_sources())
             text = normalize_placeholders(text, n_images, info.placeholder, info.image_token)
         ids = info.text_token_ids(text)

@@ -44,8 +44,12 @@ def render(
     templater: ChatTemplater,
     messages: list[dict[str, Any]],
     chat_template: str | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> str:
-    """Render with the model's template; a final assistant message is continued, not closed."""
+    """Render with the model's template; a final assistant message is continued, not closed.
+
+    ``template_kwargs`` become variables of the template (the job's ``chat_template_kwargs``).
+    """
     continue_final = bool(messages) and messages[-1]["role"] == "assistant"
     try:
         text = templater.apply_chat_template(
@@ -54,6 +58,7 @@ def render(
             tokenize=False,
             add_generation_prompt=not continue_final,
             continue_final_message=continue_final,
+            **(template_kwargs or {}),
         )
     except Exception as exc:  # jinja2 errors, templates raising on role order, ...
         raise PromptError(f"the chat template could not render these messages: {exc}") from exc

@@ -121,7 +121,7 @@ class OpenAIRoute:
         started = False
         async for chunk in chunks:
             if "error" in chunk:
-                yield from_worker_error(chunk["error"], aliases)
+                yield _error(chunk["error"], aliases, started)
                 return
             parts = []
             if not started:
@@ -144,16 +144,26 @@ class OpenAIRoute:
         fmt: CompletionFormatter,
         aliases: dict[str, str],
     ) -> AsyncIterator[Any]:
+        started = False
         async for chunk in chunks:
             if "error" in chunk:
-                yield from_worker_error(chunk["error"], aliases)
+                yield _error(chunk["error"], aliases, started)
                 return
+            started = True
             parts = [sse(fmt.chunk(chunk))]
             if "finish_reason" in chunk:
                 if fmt.include_usage:
                     parts.append(sse(fmt.usage_chunk(chunk["usage"])))
                 parts.append(sse("[DONE]"))
             yield "".join(parts)
+
+
+def _error(body: dict[str, Any], aliases: dict[str, str], started: bool) -> Any:
+    """An error in OpenAI's shape: the object itself before the stream has begun (the
+    gateway answers with its status), or, once SSE text has gone out, one framed event and
+    ``[DONE]``, as ``vllm serve`` ends a stream that fails midway."""
+    error = from_worker_error(body, aliases)
+    return sse(error) + sse("[DONE]") if started else error
 
 
 #: Keys of the job forms that carry an OpenAI request: RunPod's gateway sends
