@@ -85,7 +85,6 @@ def test_to_native_maps_fields():
 @pytest.mark.parametrize(
     ("payload", "field", "words"),
     [
-        ({"n": 2}, "n", "only n=1"),
         ({"tools": []}, "tools", "tool calling"),
         ({"top_logprobs": 2}, "top_logprobs", "requires logprobs: true"),
         (
@@ -198,7 +197,8 @@ async def test_models_route(worker):
     [
         (route(body(), "/v1/embeddings"), "openai_route", 404),
         (route(body(model="gpt-4o")), "model", "model_not_found"),
-        (route(body(n=3)), "n", 400),
+        (route(body(n=99)), "n", 400),  # above MAX_N
+        (route(body(n=0)), "n", 400),
         (route(body(temperature=-1)), "temperature", 400),
         (route({"messages": []}), "messages", 400),
         (route(body(colour="red")), "colour", 400),
@@ -260,8 +260,8 @@ def test_real_openai_client_through_a_gateway_shim(worker):
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="nope", messages=body()["messages"])
         with pytest.raises(openai.BadRequestError) as info:
-            client.chat.completions.create(model=MODEL, messages=body()["messages"], n=2)
-        assert "n=1" in info.value.message
+            client.chat.completions.create(model=MODEL, messages=body()["messages"], n=99)
+        assert "MAX_N=8" in info.value.message
 
 
 @pytest.mark.engine

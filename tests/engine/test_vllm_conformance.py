@@ -122,23 +122,31 @@ async def our_answer(worker: Any, body: dict[str, Any], route: str = "/v1/chat/c
 
 
 def reassemble(chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """A streamed answer as one message: content, finish reason, logprobs, usage."""
-    content, logprobs, finish, usage = "", [], None, None
+    """A streamed answer as whole messages, one per choice, and the usage."""
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
     for chunk in chunks:
         usage = chunk.get("usage") or usage
-        for choice in chunk["choices"]:
-            content += choice["delta"].get("content") or ""
-            logprobs += (choice.get("logprobs") or {}).get("content") or []
-            finish = choice.get("finish_reason") or finish
-    return {"content": content, "finish_reason": finish, "logprobs": logprobs, "usage": usage}
+        for c in chunk["choices"]:
+            own = choices.setdefault(
+                c["index"], {"content": "", "finish_reason": None, "logprobs": []}
+            )
+            own["content"] += c["delta"].get("content") or ""
+            own["logprobs"] += (c.get("logprobs") or {}).get("content") or []
+            own["finish_reason"] = c.get("finish_reason") or own["finish_reason"]
+    return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
 
 
 def message(answer: dict[str, Any]) -> dict[str, Any]:
-    choice = answer["choices"][0]
     return {
-        "content": choice["message"]["content"],
-        "finish_reason": choice["finish_reason"],
-        "logprobs": (choice.get("logprobs") or {}).get("content") or [],
+        "choices": [
+            {
+                "content": c["message"]["content"],
+                "finish_reason": c["finish_reason"],
+                "logprobs": (c.get("logprobs") or {}).get("content") or [],
+            }
+            for c in sorted(answer["choices"], key=lambda c: c["index"])
+        ],
         "usage": answer["usage"],
     }
 
@@ -187,7 +195,7 @@ CASES = {
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("case", list(CASES))
 async def test_the_route_answers_as_vllm_serve_does(worker, vllm_server, case, stream):
-    body = {**CASES[case], "temperature": 0.0, "stream": stream}
+    body = {"temperature": 0.0, **CASES[case], "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     theirs, ours = vllm_answer(vllm_server, body), await our_answer(worker, body)
@@ -197,15 +205,20 @@ async def test_the_route_answers_as_vllm_serve_does(worker, vllm_server, case, s
         assert ours["object"] == theirs["object"] == "chat.completion"
         assert set(ours["choices"][0]) >= {"index", "message", "finish_reason", "logprobs"}
         theirs, ours = message(theirs), message(ours)
-    assert ours["content"] == theirs["content"]
-    assert ours["finish_reason"] == theirs["finish_reason"]
+    assert len(ours["choices"]) == len(theirs["choices"]) == body.get("n", 1)
+    for mine, vllms in zip(ours["choices"], theirs["choices"], strict=True):
+        assert mine["content"] == vllms["content"]
+        assert mine["finish_reason"] == vllms["finish_reason"]
+        same_logprobs(mine["logprobs"], vllms["logprobs"])
     usage_keys = ("prompt_tokens", "completion_tokens", "total_tokens")
     assert {k: ours["usage"][k] for k in usage_keys} == {k: theirs["usage"][k] for k in usage_keys}
-    same_logprobs(ours["logprobs"], theirs["logprobs"])
-    if case == "json_schema" and ours["finish_reason"] == "stop":
-        assert set(json.loads(ours["content"])) == {"x", "y"}
+    first = ours["choices"][0]
+    if case == "json_schema" and first["finish_reason"] == "stop":
+        assert set(json.loads(first["content"])) == {"x", "y"}
     if case == "logprobs":
-        assert len(ours["logprobs"]) == ours["usage"]["completion_tokens"]
+        assert len(first["logprobs"]) == ours["usage"]["completion_tokens"]
+    if case == "n":  # sampled, the choices differ
+        assert len({c["content"] for c in ours["choices"]}) > 1
     if case == "template_kwargs":  # the variable reached the template: a longer prompt
         plain = await our_answer(worker, {**CASES["image"], "max_tokens": 1})
         assert ours["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
@@ -218,22 +231,32 @@ COMPLETIONS = {
     "logprobs": {"prompt": PROMPT, "max_tokens": 8, "logprobs": 2},
     "echo": {"prompt": PROMPT, "max_tokens": 5, "echo": True},
     "echo_logprobs": {"prompt": PROMPT, "max_tokens": 5, "echo": True, "logprobs": 1},
+    "n": {"prompt": PROMPT, "max_tokens": 6, "n": 2, "seed": 5, "temperature": 1.0, "logprobs": 1},
 }
 
 
-def text_choice(chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """A streamed completion as one choice; logprobs' lists joined, offsets dropped (each
-    side counts them from its own chunking)."""
-    text, finish, usage = "", None, None
-    logprobs: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+def text_choices(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A streamed completion as whole choices; logprobs' lists joined, offsets dropped
+    (each side counts them from its own chunking)."""
+    choices: dict[int, dict[str, Any]] = {}
+    usage = None
     for chunk in chunks:
         usage = chunk.get("usage") or usage
-        for choice in chunk["choices"]:
-            text += choice["text"]
-            finish = choice.get("finish_reason") or finish
-            for key in logprobs:
-                logprobs[key] += (choice.get("logprobs") or {}).get(key) or []
-    return {"text": text, "finish_reason": finish, "logprobs": logprobs, "usage": usage}
+        for c in chunk["choices"]:
+            own = choices.setdefault(
+                c["index"],
+                {
+                    "index": c["index"],
+                    "text": "",
+                    "finish_reason": None,
+                    "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": []},
+                },
+            )
+            own["text"] += c["text"]
+            own["finish_reason"] = c.get("finish_reason") or own["finish_reason"]
+            for key in own["logprobs"]:
+                own["logprobs"][key] += (c.get("logprobs") or {}).get(key) or []
+    return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
 
 
 def close(a: Any, b: Any) -> bool:
@@ -249,24 +272,26 @@ def close(a: Any, b: Any) -> bool:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("case", list(COMPLETIONS))
 async def test_completions_answer_as_vllm_serve_does(worker, vllm_server, case, stream):
-    body = {**COMPLETIONS[case], "temperature": 0.0, "stream": stream}
+    body = {"temperature": 0.0, **COMPLETIONS[case], "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     route = "/v1/completions"
     theirs = vllm_answer(vllm_server, body, route)
     ours = await our_answer(worker, body, route)
     if stream:
-        theirs, ours = text_choice(theirs), text_choice(ours)
+        theirs, ours = text_choices(theirs), text_choices(ours)
         if "logprobs" not in body:
-            theirs["logprobs"] = ours["logprobs"] = None
+            for c in theirs["choices"] + ours["choices"]:
+                c["logprobs"] = None
     else:
         assert ours["object"] == theirs["object"] == "text_completion"
-        theirs = {**theirs["choices"][0], "usage": theirs["usage"]}
-        ours = {**ours["choices"][0], "usage": ours["usage"]}
-    assert ours["text"] == theirs["text"]
-    if body.get("echo"):
-        assert ours["text"].startswith(PROMPT)
-    assert ours["finish_reason"] == theirs["finish_reason"]
+    assert len(ours["choices"]) == len(theirs["choices"]) == body.get("n", 1)
+    for mine, vllms in zip(ours["choices"], theirs["choices"], strict=True):
+        assert mine["index"] == vllms["index"]
+        assert mine["text"] == vllms["text"]
+        if body.get("echo"):
+            assert mine["text"].startswith(PROMPT)
+        assert mine["finish_reason"] == vllms["finish_reason"]
+        assert close(mine["logprobs"], vllms["logprobs"]), (mine["logprobs"], vllms["logprobs"])
     usage_keys = ("prompt_tokens", "completion_tokens", "total_tokens")
     assert {k: ours["usage"][k] for k in usage_keys} == {k: theirs["usage"][k] for k in usage_keys}
-    assert close(ours["logprobs"], theirs["logprobs"]), (ours["logprobs"], theirs["logprobs"])

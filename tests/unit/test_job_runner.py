@@ -172,7 +172,9 @@ async def test_engine_stream_that_ends_unfinished_still_ends_the_job():
         async def generate(self, prompt, params, request_id):
             yield SimpleNamespace(
                 outputs=[
-                    SimpleNamespace(text="hi", token_ids=[1], finish_reason=None, stop_reason=None)
+                    SimpleNamespace(
+                        index=0, text="hi", token_ids=[1], finish_reason=None, stop_reason=None
+                    )
                 ],
                 prompt_token_ids=[1, 2, 3],
                 finished=False,
@@ -264,3 +266,69 @@ async def test_a_job_may_set_its_own_stream_batching(info):
     assert default == runner.policy and whole == FINAL_ONLY
     # a raw prompt reaches the engine as text, for vLLM to tokenize as vllm serve does
     assert all(r.prompt == "x" and r.prompt_token_ids is None for r in runner.engine.requests)
+
+
+def choice(index: int, text: str, reason: str | None = None, finished: bool = False):
+    from vlm_worker.engine.deltas import Delta
+
+    return Delta(text=text, tokens=1, index=index, finish_reason=reason, finished=finished)
+
+
+#: Two choices, interleaved as vLLM's delta outputs interleave them.
+TWO_CHOICES = [
+    choice(0, "a"),
+    choice(1, "x"),
+    choice(1, "y", "length"),
+    choice(0, "b"),
+    choice(0, "c", "stop", finished=True),
+]
+
+
+async def test_several_choices_streamed_and_whole(info):
+    runner = runner_for(info, TWO_CHOICES)
+    chunks = await run(runner, {"prompt": "p", "n": 2, "stream": True})
+    *parts, final = chunks
+    by_index: dict[int, str] = {}
+    for part in parts:
+        by_index[part["index"]] = by_index.get(part["index"], "") + part["text"]
+    assert by_index == {0: "abc", 1: "xy"}
+    ends = {p["index"]: p["finish_reason"] for p in parts if "finish_reason" in p}
+    assert ends == {0: "stop", 1: "length"}
+    assert "text" not in final and final["usage"]["completion_tokens"] == 5
+
+    (whole,) = await run(runner, {"prompt": "p", "n": 2, "stream": False})
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in whole["choices"]] == [
+        (0, "abc", "stop"),
+        (1, "xy", "length"),
+    ]
+    assert whole["usage"]["completion_tokens"] == 5
+
+
+async def test_n_is_capped_and_grounding_has_one_answer(info):
+    runner = runner_for(info, TWO_CHOICES, MAX_N="2")
+    (err,) = await run(runner, {"prompt": "p", "n": 3})
+    assert err["error"]["field"] == "sampling_params.n" and "MAX_N=2" in err["error"]["message"]
+
+
+async def test_the_routes_frame_several_choices_as_openai_does(info):
+    import json
+
+    from vlm_worker.serving.openai_route import OpenAIRoute
+
+    route = OpenAIRoute(runner_for(info, TWO_CHOICES))
+    body = {"messages": [{"role": "user", "content": "hi"}], "n": 2}
+    (whole,) = [c async for c in route.handle("j", "/v1/chat/completions", body)]
+    assert [c["message"]["content"] for c in whole["choices"]] == ["abc", "xy"]
+    assert [c["finish_reason"] for c in whole["choices"]] == ["stop", "length"]
+    text = "".join(
+        [c async for c in route.handle("j", "/v1/chat/completions", {**body, "stream": True})]
+    )
+    events = [json.loads(e[6:]) for e in text.strip().split("\n\n") if e != "data: [DONE]"]
+    content: dict[int, str] = {}
+    for event in events:
+        for c in event["choices"]:
+            content[c["index"]] = content.get(c["index"], "") + (c["delta"].get("content") or "")
+    assert content == {0: "abc", 1: "xy"} and text.endswith("data: [DONE]\n\n")
+    assert sum(1 for e in events if e["choices"][0]["delta"].get("role")) == 2
+    (done,) = [c async for c in route.handle("j", "/v1/completions", {"prompt": "p", "n": 2})]
+    assert [(c["index"], c["text"]) for c in done["choices"]] == [(0, "abc"), (1, "xy")]

@@ -64,7 +64,7 @@ def test_completions_map_onto_a_raw_prompt_job():
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "a", "suffix": "b"}, "suffix"),
         ({"prompt": "a", "best_of": 2}, "best_of"),
-        ({"prompt": "a", "n": 2}, "n"),
+        ({"prompt": "a", "n": 0}, "n"),
         ({"prompt": ""}, "prompt"),
     ]:
         with pytest.raises(InvalidInput) as info:

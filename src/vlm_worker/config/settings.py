@@ -117,6 +117,14 @@ class WorkerSettings:
     default_max_tokens: int = _setting(
         512, "max_tokens when a job does not set it.", category="Generation", minimum=1
     )
+    max_n: int = _setting(
+        8,
+        "Most choices (`n`) one request may ask for; each is a sequence of its own in the "
+        "engine's batch.",
+        category="Generation",
+        minimum=1,
+        maximum=256,
+    )
     max_images_per_job: int = _setting(
         1, "Images one job may carry.", category="Images", minimum=0, maximum=64
     )

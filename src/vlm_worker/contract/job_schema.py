@@ -144,6 +144,8 @@ class SamplingOptions(BaseModel):
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    #: Choices to generate for the prompt (``MAX_N`` caps it).
+    n: int | None = Field(None, ge=1)
     #: Log probabilities of each generated token and of this many top alternatives (0:
     #: the generated token's only), in OpenAI's per-token shape.
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

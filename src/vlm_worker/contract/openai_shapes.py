@@ -80,7 +80,7 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
@@ -246,9 +246,8 @@ def completion_to_native(req: CompletionRequest) -> dict[str, Any]:
 
 
 def _sampling(req: SamplingRequest) -> dict[str, Any]:
-    if req.n != 1:
-        raise InvalidInput(f"n: only n=1 is supported, got {req.n}", field="n")
     sampling = {
+        "n": req.n if req.n != 1 else None,
         "stream": req.stream,
         "max_tokens": req.max_tokens,
         "temperature": req.temperature,
@@ -302,12 +301,13 @@ def field_aliases(req: ChatRequest | CompletionRequest) -> dict[str, str]:
 class ChatFormatter:
     """Builds OpenAI response objects for one request."""
 
-    def __init__(self, model: str, include_usage: bool, top_logprobs: int = 0) -> None:
+    def __init__(self, model: str, include_usage: bool, top_logprobs: int = 0, n: int = 1) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
         self.top_logprobs = top_logprobs
+        self.n = n
 
     def logprobs(self, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
         """OpenAI's ``choice.logprobs``: per token, the first ``top_logprobs`` entries of
@@ -334,11 +334,12 @@ class ChatFormatter:
             "model": self.model,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": final.get("text", "")},
-                    "finish_reason": final.get("finish_reason"),
-                    "logprobs": self.logprobs(final.get("logprobs")),
+                    "index": choice.get("index", 0),
+                    "message": {"role": "assistant", "content": choice.get("text", "")},
+                    "finish_reason": choice.get("finish_reason"),
+                    "logprobs": self.logprobs(choice.get("logprobs")),
                 }
+                for choice in final.get("choices", [final])
             ],
             "usage": final.get("usage"),
         }
@@ -348,6 +349,7 @@ class ChatFormatter:
         delta: dict[str, Any],
         finish_reason: str | None = None,
         logprobs: list[dict[str, Any]] | None = None,
+        index: int = 0,
     ) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -356,7 +358,7 @@ class ChatFormatter:
             "model": self.model,
             "choices": [
                 {
-                    "index": 0,
+                    "index": index,
                     "delta": delta,
                     "finish_reason": finish_reason,
                     "logprobs": self.logprobs(logprobs),
@@ -394,17 +396,22 @@ class CompletionFormatter:
         self.top_logprobs = req.logprobs
         self.echo = req.echo
         self.prompt = prompt
-        self._echoed = False
-        self._text_len = 0  # of generated text streamed so far: the next logprob offset
+        self._echoed: set[int] = set()  # choices whose text began with the prompt
+        self._text_len: dict[int, int] = {}  # each choice's generated text streamed so far
+        self._prompt_logprobs: list[dict[str, Any]] | None = None
 
-    def _with_echo(self, chunk: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
-        """This chunk's text and logprob entries, the prompt's put first once if echoed."""
+    def _with_echo(
+        self, chunk: dict[str, Any], index: int
+    ) -> tuple[str, list[dict[str, Any]] | None]:
+        """This chunk's text and logprob entries, the prompt's put first once per choice
+        if echoed."""
         text, entries = chunk.get("text", ""), chunk.get("logprobs")
-        if self.echo and not self._echoed:
-            self._echoed = True
+        self._prompt_logprobs = chunk.get("prompt_logprobs") or self._prompt_logprobs
+        if self.echo and index not in self._echoed:
+            self._echoed.add(index)
             text = self.prompt + text
             if entries is not None:
-                entries = [*(chunk.get("prompt_logprobs") or []), *entries]
+                entries = [*(self._prompt_logprobs or []), *entries]
         return text, entries
 
     def logprobs(self, entries: list[dict[str, Any]] | None, offset: int) -> dict[str, Any] | None:
@@ -428,31 +435,38 @@ class CompletionFormatter:
             ],
         }
 
-    def _choice(self, text: str, logprobs: Any, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    def _choice(self, chunk: dict[str, Any], offset: int | None) -> dict[str, Any]:
+        index = chunk.get("index", 0)
+        text, entries = self._with_echo(chunk, index)
+        start = self._text_len.get(index, 0) if offset is None else offset
+        if offset is None:
+            self._text_len[index] = start + len(chunk.get("text", ""))
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": self.logprobs(entries, start),
+            "finish_reason": chunk.get("finish_reason"),
+        }
 
     def completion(self, final: dict[str, Any]) -> dict[str, Any]:
-        text, entries = self._with_echo(final)
+        self._prompt_logprobs = final.get("prompt_logprobs")
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [self._choice(text, self.logprobs(entries, 0), final.get("finish_reason"))],
+            "choices": [self._choice(c, 0) for c in final.get("choices", [final])],
             "usage": final.get("usage"),
         }
 
     def chunk(self, native: dict[str, Any]) -> dict[str, Any]:
-        """A streamed chunk for one native chunk (the final one carries the finish reason)."""
-        text, entries = self._with_echo(native)
-        logprobs = self.logprobs(entries, self._text_len)
-        self._text_len += len(native.get("text", ""))
+        """A streamed chunk for one native chunk (a choice's end carries its reason)."""
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [self._choice(text, logprobs, native.get("finish_reason"))],
+            "choices": [self._choice(native, None)],
         }
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:

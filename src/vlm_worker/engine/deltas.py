@@ -26,6 +26,13 @@ class Delta:
     logprobs: list[dict[str, Any]] | None = None
     #: The prompt's tokens in the same shape, once, when the request asked for them.
     prompt_logprobs: list[dict[str, Any]] | None = None
+    #: Which choice this is (``n`` > 1); deltas of different choices never merge.
+    index: int = 0
+
+    @property
+    def done(self) -> bool:
+        """The choice has ended (``finish_reason``), or the whole request has."""
+        return self.finished or self.finish_reason is not None
 
     def merge(self, other: Delta) -> None:
         self.prompt_logprobs = self.prompt_logprobs or other.prompt_logprobs
@@ -88,7 +95,7 @@ class Batcher:
         # the first visible text. They wait for the token that completes them.
         if (
             self._sizes is None
-            or pending.finished
+            or pending.done
             or (pending.tokens >= self._sizes.current and pending.text)
         ):
             self._pending = None

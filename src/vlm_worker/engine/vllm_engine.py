@@ -148,19 +148,21 @@ class VllmEngine:
             prompt["mm_processor_kwargs"] = request.mm_processor_kwargs
 
         async def pump() -> None:
-            batcher = Batcher(request.batch)
+            batchers: dict[int, Batcher] = {}  # one per choice (``n``)
             try:
                 finished = False
                 async for out in self._llm.generate(prompt, params, request.request_id):
-                    delta = _delta(out, logprobs, prompt_logprobs, decode)
-                    batch = batcher.add(delta)
-                    if batch is not None:
-                        finished = batch.finished
-                        caller.call_soon_threadsafe(put, batch)
+                    for delta in _deltas(out, logprobs, prompt_logprobs, decode):
+                        batcher = batchers.setdefault(delta.index, Batcher(request.batch))
+                        batch = batcher.add(delta)
+                        if batch is not None:
+                            finished = batch.finished
+                            caller.call_soon_threadsafe(put, batch)
                 if not finished:
                     # vLLM ended the stream without a finished output: end ours too, so
                     # the reader never waits for a delta that will not come.
-                    last = batcher.flush() or Delta()
+                    pending = [b.flush() for b in batchers.values()]
+                    last = next((d for d in pending if d is not None), None) or Delta()
                     last.finished, last.finish_reason = True, last.finish_reason or "abort"
                     caller.call_soon_threadsafe(put, last)
             except BaseException as exc:  # delivered to the reader, which re-raises ours
@@ -170,14 +172,17 @@ class VllmEngine:
 
         future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
         finished = False
+        held: Delta | BaseException | None = None
         try:
             while not finished:
-                item = await queue.get()
+                item = held if held is not None else await queue.get()
+                held = None
+                # A lagging reader takes what has queued as one delta, per choice: a
+                # choice's end and the request's end stay deltas of their own.
                 while not isinstance(item, BaseException) and not queue.empty():
                     nxt = queue.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        yield item
-                        item = nxt
+                    if isinstance(nxt, BaseException) or nxt.index != item.index or item.done:
+                        held = nxt
                         break
                     item.merge(nxt)
                 if isinstance(item, BaseException):
@@ -211,23 +216,32 @@ def _sampling_params(values: dict[str, Any]) -> Any:
         ) from exc
 
 
-def _delta(out: Any, logprobs: bool, prompt_logprobs: bool, decode: Decode) -> Delta:
-    completion = out.outputs[0] if out.outputs else None
-    tokens = len(completion.token_ids) if completion is not None else 0
-    delta = Delta(
-        text=completion.text if completion is not None else "",
-        tokens=tokens,
-        prompt_tokens=len(out.prompt_token_ids) if out.prompt_token_ids is not None else None,
-        finished=bool(out.finished),
-        finish_reason=completion.finish_reason if completion is not None else None,
-        stop_reason=completion.stop_reason if completion is not None else None,
-        first_token_at=time.perf_counter() if tokens else None,
-    )
-    if logprobs and completion is not None:
-        delta.logprobs = token_logprobs(completion.token_ids, completion.logprobs, decode)
-    if prompt_logprobs and out.prompt_logprobs is not None and out.prompt_token_ids is not None:
-        delta.prompt_logprobs = token_logprobs(out.prompt_token_ids, out.prompt_logprobs, decode)
-    return delta
+def _deltas(out: Any, logprobs: bool, prompt_logprobs: bool, decode: Decode) -> list[Delta]:
+    """One delta per choice in this output (vLLM's delta outputs carry one choice each).
+
+    ``finished`` marks the request's end; a choice's own end is its ``finish_reason``.
+    """
+    completions = out.outputs or [None]
+    deltas = []
+    for n, completion in enumerate(completions):
+        tokens = len(completion.token_ids) if completion is not None else 0
+        delta = Delta(
+            text=completion.text if completion is not None else "",
+            tokens=tokens,
+            prompt_tokens=len(out.prompt_token_ids) if out.prompt_token_ids is not None else None,
+            finished=bool(out.finished) and n == len(completions) - 1,
+            finish_reason=completion.finish_reason if completion is not None else None,
+            stop_reason=completion.stop_reason if completion is not None else None,
+            first_token_at=time.perf_counter() if tokens else None,
+            index=completion.index if completion is not None else 0,
+        )
+        if logprobs and completion is not None:
+            delta.logprobs = token_logprobs(completion.token_ids, completion.logprobs, decode)
+        if prompt_logprobs and n == 0 and out.prompt_logprobs is not None:
+            ids = out.prompt_token_ids or []
+            delta.prompt_logprobs = token_logprobs(ids, out.prompt_logprobs, decode)
+        deltas.append(delta)
+    return deltas
 
 
 #: One token id -> its text, for a token vLLM reports no logprob for (a prompt's first).

@@ -309,6 +309,13 @@ class JobRunner:
                 f"min_tokens {values['min_tokens']} is above max_tokens {values['max_tokens']}",
                 field="sampling_params.min_tokens",
             )
+        n = values.get("n", 1)
+        if n > self.settings.max_n:
+            raise InvalidInput(
+                f"n {n} is above MAX_N={self.settings.max_n}", field="sampling_params.n"
+            )
+        if n > 1 and job.task == "grounding":
+            raise InvalidInput("n: a grounding job has one answer", field="sampling_params.n")
         return values, warnings
 
     async def generate(
@@ -324,22 +331,28 @@ class JobRunner:
             mm_processor_kwargs=prepared.mm_processor_kwargs,
             batch=self._batch_policy(prepared.job),
         )
-        total = Delta()
+        total = Delta()  # the whole job: tokens of every choice, the prompt's logprobs
+        choices: dict[int, Delta] = {}  # each choice's own, when n > 1
+        several = prepared.sampling.get("n", 1) > 1
         stream = prepared.job.stream
         async for delta in self.engine.generate(request):
             if clock.first_token is None and delta.first_token_at is not None:
                 clock.first_token = delta.first_token_at
             total.merge(delta)
-            if stream and not delta.finished and delta.text:
-                chunk: dict[str, Any] = {"text": delta.text}
-                if delta.logprobs is not None:
-                    chunk["logprobs"] = delta.logprobs
-                if delta.prompt_logprobs is not None:
-                    chunk["prompt_logprobs"] = delta.prompt_logprobs
-                yield chunk
-            elif delta.finished:
+            if several:
+                choices.setdefault(delta.index, Delta(index=delta.index)).merge(delta)
+                if stream and (delta.text or delta.done):
+                    yield _choice_chunk(delta, with_end=delta.done)
+            elif stream and not delta.finished and delta.text:
+                yield _stream_chunk(delta)
+            if delta.finished:
                 clock.end = time.perf_counter()
-                yield self._final(job_id, delta if stream else total, total, prepared, clock)
+                if several:
+                    ordered = [choices[i] for i in sorted(choices)]
+                    yield self._final(job_id, None, total, prepared, clock, ordered, stream)
+                else:
+                    last = delta if stream else total
+                    yield self._final(job_id, last, total, prepared, clock)
 
     def _batch_policy(self, job: Job) -> BatchPolicy:
         """The settings' batching, or the job's own (worker-vllm's per-job fields)."""
@@ -357,16 +370,28 @@ class JobRunner:
         )
 
     def _final(
-        self, job_id: str, last: Delta, total: Delta, prepared: Prepared, clock: Clock
+        self,
+        job_id: str,
+        last: Delta | None,
+        total: Delta,
+        prepared: Prepared,
+        clock: Clock,
+        choices: list[Delta] | None = None,
+        streamed: bool = False,
     ) -> dict[str, Any]:
         """The job's last chunk: ``last`` is what it adds to the stream (all of it when
-        not streamed), ``total`` the whole job's counts."""
+        not streamed), ``total`` the whole job's counts. With several ``choices`` it holds
+        no text of its own: streamed, each choice has ended in its own chunk; otherwise
+        they are listed whole, in ``choices``."""
         prompt_tokens = (
             total.prompt_tokens if total.prompt_tokens is not None else prepared.prompt_tokens
         )
-        chunk: dict[str, Any] = {
-            "text": last.text,
-            "finish_reason": total.finish_reason,
+        chunk: dict[str, Any] = {}
+        if last is not None:
+            chunk = {"text": last.text, "finish_reason": total.finish_reason}
+        elif choices is not None and not streamed:
+            chunk = {"choices": [_choice_chunk(c, with_end=True) for c in choices]}
+        chunk |= {
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": total.tokens,
@@ -381,16 +406,38 @@ class JobRunner:
             chunk["grounding"] = grounding.grounding_result(
                 total.text, image.original_size, image.resized_size, total.finish_reason
             )
-        if total.stop_reason is not None:
+        if last is not None and total.stop_reason is not None:
             chunk["stop_reason"] = total.stop_reason
-        if last.logprobs is not None:
+        if last is not None and last.logprobs is not None:
             chunk["logprobs"] = last.logprobs
-        if last.prompt_logprobs is not None:
-            chunk["prompt_logprobs"] = last.prompt_logprobs
+        prompt_logprobs = last.prompt_logprobs if last is not None else total.prompt_logprobs
+        if prompt_logprobs is not None:
+            chunk["prompt_logprobs"] = prompt_logprobs
         if prepared.warnings:
             chunk["warnings"] = prepared.warnings
         log.info("job done", extra={"job_id": job_id, **chunk["usage"], **chunk["timings"]})
         return chunk
+
+
+def _stream_chunk(delta: Delta) -> dict[str, Any]:
+    chunk: dict[str, Any] = {"text": delta.text}
+    if delta.logprobs is not None:
+        chunk["logprobs"] = delta.logprobs
+    if delta.prompt_logprobs is not None:
+        chunk["prompt_logprobs"] = delta.prompt_logprobs
+    return chunk
+
+
+def _choice_chunk(delta: Delta, with_end: bool) -> dict[str, Any]:
+    """One choice's text (n > 1), tagged with its index; at its end, why it ended."""
+    chunk: dict[str, Any] = {"index": delta.index, "text": delta.text}
+    if delta.logprobs is not None:
+        chunk["logprobs"] = delta.logprobs
+    if with_end:
+        chunk["finish_reason"] = delta.finish_reason
+        if delta.stop_reason is not None:
+            chunk["stop_reason"] = delta.stop_reason
+    return chunk
 
 
 def _summary(prepared: Prepared, clock: Clock) -> dict[str, Any]:

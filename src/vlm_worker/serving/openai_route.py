@@ -60,7 +60,7 @@ class OpenAIRoute:
                 chat = self._check_model(parse_request(body))
                 native, aliases = to_native(chat), field_aliases(chat)
                 fmt: ChatFormatter | CompletionFormatter = ChatFormatter(
-                    self.model_id, chat.include_usage, chat.top_logprobs or 0
+                    self.model_id, chat.include_usage, chat.top_logprobs or 0, chat.n
                 )
                 stream = chat.stream
             else:
@@ -125,14 +125,17 @@ class OpenAIRoute:
                 return
             parts = []
             if not started:
-                parts.append(sse(fmt.chunk({"role": "assistant", "content": ""})))
+                for index in range(fmt.n):
+                    role = {"role": "assistant", "content": ""}
+                    parts.append(sse(fmt.chunk(role, index=index)))
                 started = True
+            index = chunk.get("index", 0)
             if chunk.get("text"):
-                parts.append(
-                    sse(fmt.chunk({"content": chunk["text"]}, None, chunk.get("logprobs")))
-                )
-            if "finish_reason" in chunk:
-                parts.append(sse(fmt.chunk({}, chunk["finish_reason"])))
+                content = {"content": chunk["text"]}
+                parts.append(sse(fmt.chunk(content, None, chunk.get("logprobs"), index)))
+            if "finish_reason" in chunk:  # this choice's end (every choice's, when n is 1)
+                parts.append(sse(fmt.chunk({}, chunk["finish_reason"], index=index)))
+            if "usage" in chunk:  # the job's last chunk
                 if fmt.include_usage:
                     parts.append(sse(fmt.usage_chunk(chunk["usage"])))
                 parts.append(sse("[DONE]"))
@@ -150,8 +153,10 @@ class OpenAIRoute:
                 yield _error(chunk["error"], aliases, started)
                 return
             started = True
-            parts = [sse(fmt.chunk(chunk))]
-            if "finish_reason" in chunk:
+            parts = []
+            if "text" in chunk:  # not the summary that ends a job of several choices
+                parts.append(sse(fmt.chunk(chunk)))
+            if "usage" in chunk:
                 if fmt.include_usage:
                     parts.append(sse(fmt.usage_chunk(chunk["usage"])))
                 parts.append(sse("[DONE]"))
