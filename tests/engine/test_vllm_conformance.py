@@ -189,6 +189,19 @@ CASES = {
         "logprobs": True,
         "top_logprobs": 3,
     },
+    # this request's resize bounds reach both processors: fewer image tokens, same answer
+    "mm_kwargs": {
+        "messages": image_messages(),
+        "max_tokens": 8,
+        "mm_processor_kwargs": {"max_pixels": 40_000},
+    },
+    # several choices, sampled with a seed: the same choices, in the same order
+    "n": {"messages": TEXT, "max_tokens": 8, "n": 3, "seed": 11, "temperature": 1.0},
+    "template_kwargs": {
+        "messages": image_messages(),
+        "max_tokens": 8,
+        "chat_template_kwargs": {"add_vision_id": True},  # "Picture 1: " before the image
+    },
 }
 
 
@@ -219,6 +232,9 @@ async def test_the_route_answers_as_vllm_serve_does(worker, vllm_server, case, s
         assert len(first["logprobs"]) == ours["usage"]["completion_tokens"]
     if case == "n":  # sampled, the choices differ
         assert len({c["content"] for c in ours["choices"]}) > 1
+    if case == "mm_kwargs":
+        plain = await our_answer(worker, {**CASES["image"], "max_tokens": 1})
+        assert ours["usage"]["prompt_tokens"] < plain["usage"]["prompt_tokens"]
     if case == "template_kwargs":  # the variable reached the template: a longer prompt
         plain = await our_answer(worker, {**CASES["image"], "max_tokens": 1})
         assert ours["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]

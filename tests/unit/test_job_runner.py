@@ -332,3 +332,33 @@ async def test_the_routes_frame_several_choices_as_openai_does(info):
     assert sum(1 for e in events if e["choices"][0]["delta"].get("role")) == 2
     (done,) = [c async for c in route.handle("j", "/v1/completions", {"prompt": "p", "n": 2})]
     assert [(c["index"], c["text"]) for c in done["choices"]] == [(0, "abc"), (1, "xy")]
+
+
+async def test_a_job_may_narrow_the_resize_bounds_and_vllm_is_told_the_same(info):
+    from support.jobs import data_uri, screenshot
+
+    runner = runner_for(info, [tok("a", True, "stop", prompt=3)])
+    uri = data_uri(screenshot(640, 400))
+    job = image_job(uri, stream=False, mm_processor_kwargs={"max_pixels": 50_000})
+    (final,) = await run(runner, job)
+    (image,) = final["images"]
+    width, height = image["resized_size"]
+    assert width * height <= 50_000 and (width, height) != (640, 400)
+    (request,) = runner.engine.requests
+    assert request.mm_processor_kwargs == {
+        "min_pixels": info.geometry.min_pixels,
+        "max_pixels": 50_000,
+    }
+    for kwargs, field, words in [
+        ({"max_pixels": info.geometry.max_pixels + 1}, "max_pixels", "above this worker's limit"),
+        ({"min_pixels": 10}, "min_pixels", "below one image token"),
+        ({"min_pixels": 90_000, "max_pixels": 50_000}, "min_pixels", "above max_pixels"),
+    ]:
+        (err,) = await run(runner, image_job(uri, mm_processor_kwargs=kwargs))
+        assert err["error"]["field"] == f"mm_processor_kwargs.{field}", err
+        assert words in err["error"]["message"]
+    (err,) = await run(
+        runner,
+        {"task": "grounding", "instruction": "x", "image": uri, "mm_processor_kwargs": {}},
+    )
+    assert err["error"]["field"] == "mm_processor_kwargs"

@@ -124,6 +124,16 @@ class StructuredOutputs(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+class ProcessorOptions(BaseModel):
+    """Per-job resize bounds for the model's processor (vLLM's ``mm_processor_kwargs``):
+    the worker resizes with them and tells vLLM the same, so both agree."""
+
+    model_config = _STRICT
+
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+
 class SamplingOptions(BaseModel):
     """The sampling knobs a job may set; names follow OpenAI and vLLM."""
 
@@ -212,6 +222,8 @@ class Job(BaseModel):
     system_prompt: NonEmptyStr | None = None
     sampling_params: SamplingOptions = Field(default_factory=SamplingOptions)
     stream: bool = True
+    #: This job's image resize bounds, within the worker's (``IMAGE_MIN/MAX_PIXELS``).
+    mm_processor_kwargs: ProcessorOptions | None = None
     #: Extra variables for the chat template (``{"add_vision_id": true}``,
     #: ``{"enable_thinking": false}``), as vLLM's ``chat_template_kwargs``.
     chat_template_kwargs: dict[str, Any] | None = None
@@ -347,9 +359,15 @@ def check_task(job: Job) -> None:
                 field="apply_chat_template",
             )
         return
-    for name in ("prompt", "apply_chat_template"):
+    for name in ("prompt", "apply_chat_template", "mm_processor_kwargs"):
         if getattr(job, name) is not None:
-            raise InvalidInput(f"{name}: only used with task 'chat'", field=name)
+            raise InvalidInput(
+                f"{name}: only used with task 'chat' (grounding resizes with "
+                "GROUNDING_MIN_PIXELS / GROUNDING_MAX_PIXELS)"
+                if name == "mm_processor_kwargs"
+                else f"{name}: only used with task 'chat'",
+                field=name,
+            )
     if job.messages is None:
         if job.instruction is None:
             raise InvalidInput(

@@ -112,6 +112,7 @@ class ChatRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -212,6 +213,8 @@ def to_native(req: ChatRequest) -> dict[str, Any]:
     native: dict[str, Any] = {"messages": messages, **_sampling(req)}
     if req.chat_template_kwargs is not None:
         native["chat_template_kwargs"] = req.chat_template_kwargs
+    if req.mm_processor_kwargs is not None:
+        native["mm_processor_kwargs"] = req.mm_processor_kwargs
     if req.max_completion_tokens is not None:
         native["max_tokens"] = req.max_completion_tokens
     if req.top_logprobs is not None and not req.logprobs:

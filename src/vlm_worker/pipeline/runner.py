@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlm_worker.config.settings import WorkerSettings
@@ -217,7 +217,7 @@ class JobRunner:
         # A grounding job's image is resized with GTA1's bounds, and vLLM's processor is
         # told the same ones, so the size its prompt states is the size the model sees.
         bounds = self.grounding_bounds if job.task == "grounding" else None
-        geometry = bounds.geometry if bounds else None
+        geometry = bounds.geometry if bounds else self._job_geometry(job)
         image_work = [self._image(f, s, geometry) for f, s in sources]
         if job.task == "grounding":  # its prompt states the resized size: images first
             images = list(await asyncio.gather(*image_work))
@@ -232,8 +232,41 @@ class JobRunner:
         tokens = self._prompt_tokens(len(ids), images)
         sampling, warnings = self._sampling(job, tokens)
         mm_kwargs = bounds.processor_kwargs() if bounds else None
+        if geometry is not None and bounds is None:
+            mm_kwargs = {"min_pixels": geometry.min_pixels, "max_pixels": geometry.max_pixels}
         ids_for_engine = None if job.raw_prompt else ids
         return Prepared(job, text, images, tokens, sampling, warnings, mm_kwargs, ids_for_engine)
+
+    def _job_geometry(self, job: Job) -> ImageGeometry | None:
+        """The job's own resize bounds (``mm_processor_kwargs``), or None for the worker's.
+
+        They may narrow the worker's bounds, never widen them: vLLM sized its encoder
+        cache for the worker's largest image, and the settings cap each job's cost.
+        """
+        own = job.mm_processor_kwargs
+        if own is None or (own.min_pixels is None and own.max_pixels is None):
+            return None
+        base = self.engine.info.geometry
+        floor = base.factor * base.factor
+        high = own.max_pixels if own.max_pixels is not None else base.max_pixels
+        low = own.min_pixels if own.min_pixels is not None else min(base.min_pixels, high)
+        if high > base.max_pixels:
+            raise InvalidInput(
+                f"mm_processor_kwargs.max_pixels: {high} is above this worker's limit of "
+                f"{base.max_pixels} pixels (IMAGE_MAX_PIXELS, or the model's processor)",
+                field="mm_processor_kwargs.max_pixels",
+            )
+        if low < floor:
+            raise InvalidInput(
+                f"mm_processor_kwargs.min_pixels: {low} is below one image token ({floor} pixels)",
+                field="mm_processor_kwargs.min_pixels",
+            )
+        if low > high:
+            raise InvalidInput(
+                f"mm_processor_kwargs.min_pixels: {low} is above max_pixels {high}",
+                field="mm_processor_kwargs.min_pixels",
+            )
+        return replace(base, min_pixels=low, max_pixels=high)
 
     async def _image(
         self, field: str, source: str, geometry: ImageGeometry | None = None
