@@ -202,3 +202,55 @@ def test_logprobs_are_bounded():
         with pytest.raises(InvalidInput) as info:
             parse_job({"messages": [{"role": "user", "content": "hi"}], "logprobs": bad})
         assert info.value.field == "sampling_params.logprobs"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"max_tokens": "5"}, "sampling_params.max_tokens"),
+        ({"temperature": "0.5"}, "sampling_params.temperature"),
+        ({"sampling_params": {"ignore_eos": "true"}}, "sampling_params.ignore_eos"),
+    ],
+)
+def test_a_string_is_neither_a_boolean_nor_a_number(extra, field):
+    with pytest.raises(InvalidInput) as info:
+        parse_job({"messages": [{"role": "user", "content": "hi"}], **extra})
+    assert info.value.field == field, info.value
+    # numbers and booleans as JSON gives them still parse; logit_bias keys are strings
+    job = parse_job(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 1,
+            "stream": False,
+            "logit_bias": {"5": 1},
+        }
+    )
+    assert job.sampling_params.temperature == 1.0 and job.sampling_params.logit_bias == {5: 1.0}
+
+
+@pytest.mark.parametrize(
+    ("job", "field"),
+    [
+        ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+            "messages[0].content[0].text",
+        ),
+        ({"prompt": "x\ud83d"}, "prompt"),
+    ],
+)
+def test_invalid_unicode_is_invalid_input(job, field):
+    with pytest.raises(InvalidInput) as info:
+        parse_job(job)
+    assert info.value.field == field and "lone surrogate" in info.value.message
+    parse_job({"messages": [{"role": "user", "content": "é 😀 ✓"}]})  # real characters pass
+
+
+def test_the_openai_route_takes_no_strings_for_booleans_either():
+    from vlm_worker.contract.openai_shapes import parse_request
+
+    with pytest.raises(InvalidInput) as info:
+        parse_request({"messages": [{"role": "user", "content": "hi"}], "stream": "true"})
+    assert info.value.field == "stream"

@@ -22,7 +22,9 @@ from pydantic import (
 
 from vlm_worker.contract.errors import InvalidInput
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+#: Unknown keys are errors, and so are wrong types: a string is neither a boolean nor a
+#: number (``"stream": "yes"`` is refused, not taken as true).
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 MAX_STOP_SEQUENCES = 16
 MAX_MESSAGES = 256
@@ -34,6 +36,23 @@ def _not_empty(value: str) -> str:
     return value
 
 
+def _valid_unicode(value: str) -> str:
+    """Text must be encodable as UTF-8: JSON may carry a lone surrogate (``"\\ud800"``),
+    which no tokenizer takes."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"not valid Unicode (a lone surrogate at character {exc.start})"
+            ) from None
+    return value
+
+
+#: Prompt text: valid Unicode.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
 #: A non-empty string, checked in O(1). ``Field(min_length=1)`` counts the characters,
 #: holding the GIL throughout a data URI of megabytes, once per job, which stalls every
 #: stream on the worker for as long (``docs/decisions/0007-gil-sparing-decoding.md``).
@@ -43,7 +62,7 @@ NonEmptyStr = Annotated[str, AfterValidator(_not_empty)]
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(BaseModel):
@@ -84,7 +103,7 @@ ContentPart = Annotated[TextPart | ImageURLPart | ImagePart, Field(discriminator
 class Message(BaseModel):
     model_config = _STRICT
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
 
 
 #: The most top tokens a job may ask logprobs for; vLLM's own cap (``MAX_LOGPROBS``,
@@ -137,7 +156,7 @@ class ProcessorOptions(BaseModel):
 class SamplingOptions(BaseModel):
     """The sampling knobs a job may set; names follow OpenAI and vLLM."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
     max_tokens: int | None = Field(
         None, ge=1, validation_alias=AliasChoices("max_tokens", "max_new_tokens")
@@ -153,7 +172,11 @@ class SamplingOptions(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None
-    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # JSON object keys are strings: token ids arrive as "5"
+    logit_bias: (
+        dict[Annotated[int, Field(strict=False)], Annotated[float, Field(ge=-100.0, le=100.0)]]
+        | None
+    ) = None
     #: Choices to generate for the prompt (``MAX_N`` caps it).
     n: int | None = Field(None, ge=1)
     #: Log probabilities of each generated token and of this many top alternatives (0:
@@ -215,11 +238,11 @@ class Job(BaseModel):
 
     task: Literal["chat", "grounding"] = "chat"
     messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
-    prompt: NonEmptyStr | None = None
+    prompt: Annotated[Text, AfterValidator(_not_empty)] | None = None
     apply_chat_template: bool | None = None
-    instruction: str | None = None
+    instruction: Text | None = None
     image: NonEmptyStr | None = None
-    system_prompt: NonEmptyStr | None = None
+    system_prompt: Annotated[Text, AfterValidator(_not_empty)] | None = None
     sampling_params: SamplingOptions = Field(default_factory=SamplingOptions)
     stream: bool = True
     #: This job's image resize bounds, within the worker's (``IMAGE_MIN/MAX_PIXELS``).
