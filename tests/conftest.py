@@ -59,6 +59,9 @@ def worker(tiny_model: str, engine_handle: EngineHandle) -> Iterator[Any]:
     env = {k: v for k, v in os.environ.items() if k != "MODEL_NAME"}
     env["MAX_CONCURRENCY"] = "8"
     env["PREPROCESS_PROCESSES"] = "0"  # threads; test_worker_e2e compares with a process
+    # tool calling as `vllm serve --enable-auto-tool-choice --tool-call-parser hermes`
+    env["TOOL_CALL_PARSER"] = "hermes"
+    env["ENABLE_AUTO_TOOL_CHOICE"] = "true"
     w = start_worker(env, hooks=engine_handle)
     try:
         yield w

@@ -48,7 +48,9 @@ TEMPLATES: tuple[str, ...] = ("qwen", "opencua")
 # Written last into the build directory; records what was built so that a later call with
 # different arguments is not silently answered with the wrong model.
 MARKER_FILE = "tiny_model.json"
-_MARKER_FORMAT = 1
+#: Bumped whenever the built model changes (2: tool-call tokens and a tools template), so
+#: a model left by an older builder is rebuilt rather than served.
+_MARKER_FORMAT = 2
 
 # The files without which transformers or vLLM cannot load the directory. A directory holding
 # all of them is treated as a finished model.
@@ -72,6 +74,13 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|vision_end|>",
     "<|image_pad|>",
     "<|video_pad|>",
+)
+# Qwen2.5's tool-calling tags: hermes-style tool calls, as vLLM's `hermes` parser reads them.
+TOOL_TOKENS: tuple[str, ...] = (
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
 )
 # OpenCUA marks images with its own span; the worker rewrites it to the Qwen span before the
 # engine sees the prompt, so the tokenizer must know these tokens but the model config does not.
@@ -132,8 +141,27 @@ def _chat_template(image_span: str) -> str:
     return (
         "{% set image_count = namespace(value=0) %}"
         "{% set video_count = namespace(value=0) %}"
+        # With tools, the system turn lists them and says how to call one (Qwen2.5's way).
+        "{% if tools %}<|im_start|>system\n"
+        "{% if messages[0]['role'] == 'system' and messages[0]['content'] is string %}"
+        "{{ messages[0]['content'] }}{% else %}You are a helpful assistant.{% endif %}"
+        "\n\n# Tools\n\nYou may call these functions:\n<tools>"
+        "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n\n"
+        "To call one, answer <tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n'
+        "</tool_call><|im_end|>\n{% endif %}"
         "{% for message in messages %}"
-        "{% if loop.first and message['role'] != 'system' %}"
+        "{% if tools and loop.first and message['role'] == 'system' %}"
+        "{% elif message['role'] == 'tool' %}"
+        "<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n</tool_response>"
+        "<|im_end|>\n"
+        "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+        "<|im_start|>assistant\n{{ message['content'] or '' }}"
+        "{% for call in message['tool_calls'] %}\n<tool_call>\n"
+        '{"name": "{{ call[\'function\'][\'name\'] }}", "arguments": '
+        "{{ call['function']['arguments'] | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+        "{% else %}"
+        "{% if loop.first and message['role'] != 'system' and not tools %}"
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "{% endif %}"
         "<|im_start|>{{ message['role'] }}\n"
@@ -154,6 +182,7 @@ def _chat_template(image_span: str) -> str:
         "{% endif %}"
         "{% endfor %}"
         "<|im_end|>\n"
+        "{% endif %}"
         "{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -245,6 +274,7 @@ def _train_tokenizer(template: str) -> Any:
     specials = list(QWEN_SPECIAL_TOKENS)
     if template == "opencua":
         specials += OPENCUA_SPECIAL_TOKENS
+    specials += TOOL_TOKENS
     # Giving the special tokens their ids here, rather than letting the wrapper append them,
     # pins their order to Qwen's (<|endoftext|> first) instead of the wrapper's internal order.
     for token in specials:
@@ -376,19 +406,21 @@ def build_tiny_model(
     if out.exists() and not force:
         if not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a directory")
-        if is_complete(out):
-            marker_path = out / MARKER_FILE
-            if marker_path.is_file():
-                found = json.loads(marker_path.read_text(encoding="utf-8"))
-                if found != marker:
-                    raise FileExistsError(
-                        f"{out} holds a tiny model built with template="
-                        f"{found.get('template')!r}, seed={found.get('seed')!r} (asked for "
-                        f"template={template!r}, seed={seed!r}); pass force=True (--force) "
-                        "to rebuild it"
-                    )
+        marker_path = out / MARKER_FILE
+        found = (
+            json.loads(marker_path.read_text(encoding="utf-8")) if marker_path.is_file() else None
+        )
+        stale = found is not None and found.get("format") != _MARKER_FORMAT
+        if is_complete(out) and not stale:
+            if found is not None and found != marker:
+                raise FileExistsError(
+                    f"{out} holds a tiny model built with template="
+                    f"{found.get('template')!r}, seed={found.get('seed')!r} (asked for "
+                    f"template={template!r}, seed={seed!r}); pass force=True (--force) "
+                    "to rebuild it"
+                )
             return out
-        if any(out.iterdir()):
+        if any(out.iterdir()) and not stale:
             raise FileExistsError(
                 f"{out} is not empty and not a complete model; pass force=True (--force) "
                 "to replace it"

@@ -16,6 +16,14 @@ what breaks if it moves:
   between a dead engine (the worker exits) and one failed request (other jobs go on).
 * ``vllm.exceptions.VLLMValidationError.parameter``: which sampling parameter vLLM
   refused (``logprobs`` above ``MAX_LOGPROBS``, for one), so the error names the field.
+* Tool calling as ``vllm serve`` does it: ``vllm.parser.ParserManager.get_parser`` (the
+  parser class for ``--tool-call-parser`` and ``--enable-auto-tool-choice``), its
+  ``adjust_request``, ``parse`` and ``parse_delta``;
+  ``vllm.tool_parsers.ToolParserManager.list_registered``; the server's request model
+  ``vllm.entrypoints.openai.chat_completion.protocol.ChatCompletionRequest`` (the parsers
+  read tools and ``tool_choice`` from it); ``vllm.entrypoints.chat_utils.make_tool_call_id``.
+  These are vLLM's serving layer, not its engine: a release that moves them breaks tool
+  calling only (the tests send the same tool requests to ``vllm serve``).
 * The text of the ``ValueError`` vLLM raises for a prompt longer than ``max_model_len``.
   It has no exception class of its own; a changed wording turns ``prompt_too_long`` into
   ``invalid_input`` (the test suite sends such a prompt through the real engine).
@@ -68,3 +76,41 @@ def validation_parameter(exc: ValueError) -> str | None:
         parameter = getattr(exc, "parameter", None)
         return parameter if isinstance(parameter, str) and parameter else None
     return None
+
+
+def tool_parser_names() -> list[str]:
+    from vllm.tool_parsers import ToolParserManager
+
+    return list(ToolParserManager.list_registered())
+
+
+def chat_parser_class(tool_parser: str | None, enable_auto_tools: bool) -> Any:
+    """vLLM's parser class for tool calls (None without a tool parser or auto choice)."""
+    from vllm.parser import ParserManager
+
+    return ParserManager.get_parser(
+        tool_parser_name=tool_parser,
+        reasoning_parser_name=None,
+        enable_auto_tools=enable_auto_tools,
+    )
+
+
+def chat_request(body: dict[str, Any]) -> Any:
+    """``vllm serve``'s own chat request model, validated from an OpenAI request body."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate(body)
+
+
+def is_named_tool_choice(tool_choice: Any) -> bool:
+    from vllm.entrypoints.openai.chat_completion.protocol import (
+        ChatCompletionNamedToolChoiceParam,
+    )
+
+    return isinstance(tool_choice, ChatCompletionNamedToolChoiceParam)
+
+
+def new_tool_call_id() -> str:
+    from vllm.entrypoints.chat_utils import make_tool_call_id
+
+    return str(make_tool_call_id())

@@ -213,6 +213,20 @@ class WorkerSettings:
         "names other than the served one.",
         category="OpenAI",
     )
+    tool_call_parser: str | None = _setting(
+        None,
+        "vLLM's tool-call parser for the model's format (`hermes` for Qwen2.5-VL and most "
+        "Qwen fine-tunes), as `vllm serve --tool-call-parser`: needed for `tool_choice` "
+        "`auto`, `required` and a named function.",
+        category="OpenAI",
+    )
+    enable_auto_tool_choice: bool = _setting(
+        False,
+        "Let the model decide whether to call a tool (`tool_choice: auto`, the default when "
+        "a request has tools), as `vllm serve --enable-auto-tool-choice`. Needs "
+        "TOOL_CALL_PARSER.",
+        category="OpenAI",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
         "INFO", "Worker log level.", category="Worker"
     )
@@ -289,6 +303,10 @@ def load_worker_settings(env: Mapping[str, str]) -> WorkerSettings:
             problems.append(
                 f"DEFAULT_MIN_BATCH_SIZE={settings.default_min_batch_size} is larger than "
                 f"DEFAULT_BATCH_SIZE={settings.default_batch_size}"
+            )
+        if settings.enable_auto_tool_choice and not settings.tool_call_parser:
+            problems.append(
+                "ENABLE_AUTO_TOOL_CHOICE=true needs TOOL_CALL_PARSER (e.g. hermes for Qwen)"
             )
         try:  # here, not when the fetcher is built: that is after the engine has loaded
             DomainAllowList.parse(settings.allowed_image_domains)

@@ -100,16 +100,46 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImageURLPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCallIn(BaseModel):
+    model_config = _STRICT
+    name: NonEmptyStr
+    #: JSON text, as OpenAI sends it (or an object); templates get it parsed.
+    arguments: Text | dict[str, Any] | None = None
+
+
+class ToolCallIn(BaseModel):
+    """A tool call the assistant made earlier in the conversation."""
+
+    model_config = _STRICT
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class Message(BaseModel):
     model_config = _STRICT
-    role: Literal["system", "user", "assistant"]
-    content: Text | list[ContentPart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text | list[ContentPart] | None = None
+    #: An assistant turn that called tools (its content may then be empty).
+    tool_calls: list[ToolCallIn] | None = Field(None, min_length=1, max_length=128)
+    #: A ``tool`` turn: which call this result answers.
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message carries tool calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("tool_call_id: only a tool message answers a tool call")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content: required (an assistant message may have tool_calls instead)")
+        return self
 
 
 #: The most top tokens a job may ask logprobs for; vLLM's own cap (``MAX_LOGPROBS``,
 #: 20 by default) still applies and is reported by the engine as ``invalid_input``.
 MAX_TOP_LOGPROBS = 20
-STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 class StructuredOutputs(BaseModel):
@@ -124,8 +154,11 @@ class StructuredOutputs(BaseModel):
     choice: list[NonEmptyStr] | None = Field(None, min_length=1)
     grammar: NonEmptyStr | None = None
     json_object: Literal[True] | None = None
+    #: xgrammar's structural tag (JSON text): what vLLM's tool parsers constrain calls with.
+    structural_tag: NonEmptyStr | None = None
     disable_any_whitespace: bool | None = None
     disable_additional_properties: bool | None = None
+    whitespace_pattern: NonEmptyStr | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
@@ -177,6 +210,8 @@ class SamplingOptions(BaseModel):
         dict[Annotated[int, Field(strict=False)], Annotated[float, Field(ge=-100.0, le=100.0)]]
         | None
     ) = None
+    #: Keep special tokens in the text (tool-call tags are special tokens in some models).
+    skip_special_tokens: bool | None = None
     #: Choices to generate for the prompt (``MAX_N`` caps it).
     n: int | None = Field(None, ge=1)
     #: Log probabilities of each generated token and of this many top alternatives (0:
@@ -245,6 +280,10 @@ class Job(BaseModel):
     system_prompt: Annotated[Text, AfterValidator(_not_empty)] | None = None
     sampling_params: SamplingOptions = Field(default_factory=SamplingOptions)
     stream: bool = True
+    #: Function definitions the chat template shows the model (OpenAI's ``tools``).
+    tools: list[dict[str, Any]] | None = Field(None, min_length=1, max_length=128)
+    #: Each chunk carries its ``token_ids`` (and each choice in a whole answer).
+    return_token_ids: bool = False
     #: This job's image resize bounds, within the worker's (``IMAGE_MIN/MAX_PIXELS``).
     mm_processor_kwargs: ProcessorOptions | None = None
     #: Extra variables for the chat template (``{"add_vision_id": true}``,
@@ -297,7 +336,7 @@ class Job(BaseModel):
             return [("image", self.image)]
         found = []
         for i, message in enumerate(self.messages or ()):  # a raw prompt carries none
-            if isinstance(message.content, str):
+            if not isinstance(message.content, list):
                 continue
             for j, part in enumerate(message.content):
                 if isinstance(part, (ImageURLPart, ImagePart)):
@@ -435,7 +474,7 @@ def check_task(job: Job) -> None:
         (
             m.content.strip()
             if isinstance(m.content, str)
-            else any(isinstance(p, TextPart) and p.text.strip() for p in m.content)
+            else any(isinstance(p, TextPart) and p.text.strip() for p in m.content or ())
         )
         for m in job.messages
         if m.role == "user"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,19 +30,31 @@ ROUTE_MODELS = "/v1/models"
 #: Request fields OpenAI defines that this worker cannot honour: refused by name rather
 #: than silently ignored, so a client never believes it got what it did not.
 UNSUPPORTED = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
     "web_search_options": "web search is not supported",
-    "parallel_tool_calls": "tool calling is not supported",
 }
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+class ToolReader(Protocol):
+    """What the chat formatter needs of tool calling (``serving.tool_calls.ToolCalls``)."""
+
+    def message(
+        self, text: str, token_ids: list[int] | None, finish_reason: str | None
+    ) -> tuple[dict[str, Any], str]: ...
+
+    def delta(
+        self, index: int, text: str, token_ids: list[int] | None, finished: bool
+    ) -> dict[str, Any] | None: ...
+
+    def stream_finish_reason(self, index: int, finish_reason: str | None) -> str: ...
+
 
 #: Completions fields this worker cannot honour.
 UNSUPPORTED_COMPLETIONS = {
@@ -113,6 +125,10 @@ class ChatRequest(SamplingRequest):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
+    # read by vLLM's own request model and tool parsers (serving.tool_calls)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -198,17 +214,20 @@ def to_native(req: ChatRequest) -> dict[str, Any]:
         role = msg.get("role")
         if role == "developer":
             msg["role"] = "system"
-        elif role in ("tool", "function"):
+        elif role == "function":
             raise InvalidInput(
-                f"messages[{i}].role: {role!r} messages are not supported",
+                f"messages[{i}].role: 'function' messages (deprecated by OpenAI) are not "
+                "supported; send 'tool' messages",
                 field=f"messages[{i}].role",
             )
         msg.pop("name", None)  # OpenAI's participant name has no place in the templates
         if msg.get("role") == "assistant" and msg.get("content") is None:
-            raise InvalidInput(
-                f"messages[{i}].content: assistant content is required",
-                field=f"messages[{i}].content",
-            )
+            if not msg.get("tool_calls"):
+                raise InvalidInput(
+                    f"messages[{i}].content: assistant content is required (or tool_calls)",
+                    field=f"messages[{i}].content",
+                )
+            msg.pop("content")
         messages.append(msg)
     native: dict[str, Any] = {"messages": messages, **_sampling(req)}
     if req.chat_template_kwargs is not None:
@@ -304,13 +323,28 @@ def field_aliases(req: ChatRequest | CompletionRequest) -> dict[str, str]:
 class ChatFormatter:
     """Builds OpenAI response objects for one request."""
 
-    def __init__(self, model: str, include_usage: bool, top_logprobs: int = 0, n: int = 1) -> None:
+    def __init__(
+        self,
+        model: str,
+        include_usage: bool,
+        top_logprobs: int = 0,
+        n: int = 1,
+        tools: ToolReader | None = None,
+    ) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
         self.top_logprobs = top_logprobs
         self.n = n
+        #: Reads tool calls out of answers (``serving.tool_calls``), when the request has tools.
+        self.tools = tools
+
+    def _message(self, choice: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        text, reason = choice.get("text", ""), choice.get("finish_reason")
+        if self.tools is None:
+            return {"role": "assistant", "content": text}, reason
+        return self.tools.message(text, choice.get("token_ids"), reason)
 
     def logprobs(self, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
         """OpenAI's ``choice.logprobs``: per token, the first ``top_logprobs`` entries of
@@ -338,11 +372,12 @@ class ChatFormatter:
             "choices": [
                 {
                     "index": choice.get("index", 0),
-                    "message": {"role": "assistant", "content": choice.get("text", "")},
-                    "finish_reason": choice.get("finish_reason"),
+                    "message": message,
+                    "finish_reason": reason,
                     "logprobs": self.logprobs(choice.get("logprobs")),
                 }
                 for choice in final.get("choices", [final])
+                for message, reason in [self._message(choice)]
             ],
             "usage": final.get("usage"),
         }

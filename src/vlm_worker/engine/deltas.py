@@ -28,6 +28,8 @@ class Delta:
     prompt_logprobs: list[dict[str, Any]] | None = None
     #: Which choice this is (``n`` > 1); deltas of different choices never merge.
     index: int = 0
+    #: The generated token ids, when the request asked for them.
+    token_ids: list[int] | None = None
 
     @property
     def done(self) -> bool:
@@ -36,6 +38,8 @@ class Delta:
 
     def merge(self, other: Delta) -> None:
         self.prompt_logprobs = self.prompt_logprobs or other.prompt_logprobs
+        if other.token_ids is not None:
+            self.token_ids = [*(self.token_ids or ()), *other.token_ids]
         if other.logprobs is not None:
             if self.logprobs is None:
                 self.logprobs = list(other.logprobs)

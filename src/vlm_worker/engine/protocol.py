@@ -33,6 +33,8 @@ class EngineRequest:
     #: event loop, and only a token prompt carries ``multi_modal_uuids`` through vLLM
     #: 0.26's input processing (a text prompt's are dropped, and every image hashed).
     prompt_token_ids: list[int] | None = None
+    #: Each delta carries its generated token ids (tool-call parsing needs them).
+    return_token_ids: bool = False
 
 
 @dataclass(frozen=True)

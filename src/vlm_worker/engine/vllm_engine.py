@@ -132,6 +132,7 @@ class VllmEngine:
         logprobs = request.sampling.get("logprobs") is not None
         prompt_logprobs = request.sampling.get("prompt_logprobs") is not None
         decode = self._decode
+        with_ids = request.return_token_ids
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         put = queue.put_nowait
@@ -152,7 +153,8 @@ class VllmEngine:
             try:
                 finished = False
                 async for out in self._llm.generate(prompt, params, request.request_id):
-                    for delta in _deltas(out, logprobs, prompt_logprobs, decode):
+                    deltas = _deltas(out, logprobs, prompt_logprobs, decode, with_ids)
+                    for delta in deltas:
                         batcher = batchers.setdefault(delta.index, Batcher(request.batch))
                         batch = batcher.add(delta)
                         if batch is not None:
@@ -216,7 +218,9 @@ def _sampling_params(values: dict[str, Any]) -> Any:
         ) from exc
 
 
-def _deltas(out: Any, logprobs: bool, prompt_logprobs: bool, decode: Decode) -> list[Delta]:
+def _deltas(
+    out: Any, logprobs: bool, prompt_logprobs: bool, decode: Decode, token_ids: bool = False
+) -> list[Delta]:
     """One delta per choice in this output (vLLM's delta outputs carry one choice each).
 
     ``finished`` marks the request's end; a choice's own end is its ``finish_reason``.
@@ -237,6 +241,8 @@ def _deltas(out: Any, logprobs: bool, prompt_logprobs: bool, decode: Decode) -> 
         )
         if logprobs and completion is not None:
             delta.logprobs = token_logprobs(completion.token_ids, completion.logprobs, decode)
+        if token_ids and completion is not None:
+            delta.token_ids = list(completion.token_ids)
         if prompt_logprobs and n == 0 and out.prompt_logprobs is not None:
             ids = out.prompt_token_ids or []
             delta.prompt_logprobs = token_logprobs(ids, out.prompt_logprobs, decode)

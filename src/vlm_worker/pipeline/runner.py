@@ -298,7 +298,9 @@ class JobRunner:
             text = job.prompt or ""
         else:
             messages = self._messages(job, images)
-            text = render(info.templater, messages, self._chat_template, job.chat_template_kwargs)
+            text = render(
+                info.templater, messages, self._chat_template, job.chat_template_kwargs, job.tools
+            )
             n_images = len(job.image_sources())
             text = normalize_placeholders(text, n_images, info.placeholder, info.image_token)
         ids = info.text_token_ids(text)
@@ -363,6 +365,7 @@ class JobRunner:
             sampling=prepared.sampling,
             mm_processor_kwargs=prepared.mm_processor_kwargs,
             batch=self._batch_policy(prepared.job),
+            return_token_ids=prepared.job.return_token_ids,
         )
         total = Delta()  # the whole job: tokens of every choice, the prompt's logprobs
         choices: dict[int, Delta] = {}  # each choice's own, when n > 1
@@ -443,6 +446,8 @@ class JobRunner:
             chunk["stop_reason"] = total.stop_reason
         if last is not None and last.logprobs is not None:
             chunk["logprobs"] = last.logprobs
+        if last is not None and last.token_ids is not None:
+            chunk["token_ids"] = last.token_ids
         prompt_logprobs = last.prompt_logprobs if last is not None else total.prompt_logprobs
         if prompt_logprobs is not None:
             chunk["prompt_logprobs"] = prompt_logprobs
@@ -456,6 +461,8 @@ def _stream_chunk(delta: Delta) -> dict[str, Any]:
     chunk: dict[str, Any] = {"text": delta.text}
     if delta.logprobs is not None:
         chunk["logprobs"] = delta.logprobs
+    if delta.token_ids is not None:
+        chunk["token_ids"] = delta.token_ids
     if delta.prompt_logprobs is not None:
         chunk["prompt_logprobs"] = delta.prompt_logprobs
     return chunk
@@ -466,6 +473,8 @@ def _choice_chunk(delta: Delta, with_end: bool) -> dict[str, Any]:
     chunk: dict[str, Any] = {"index": delta.index, "text": delta.text}
     if delta.logprobs is not None:
         chunk["logprobs"] = delta.logprobs
+    if delta.token_ids is not None:
+        chunk["token_ids"] = delta.token_ids
     if with_end:
         chunk["finish_reason"] = delta.finish_reason
         if delta.stop_reason is not None:

@@ -7,12 +7,13 @@ templates with quirks fail here with a clear message instead of deep inside vLLM
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from vlm_worker.contract.errors import PromptError, PromptTooLong
-from vlm_worker.contract.job_schema import ImagePart, ImageURLPart, Message, TextPart
+from vlm_worker.contract.job_schema import ImagePart, ImageURLPart, Message, TextPart, ToolCallIn
 
 #: OpenCUA / GTA1-family templates wrap each image in these markers instead of the
 #: placeholder the vLLM model class expects.
@@ -27,17 +28,45 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     """Messages in the shape HF chat templates expect: images become ``{"type": "image"}``."""
     out: list[dict[str, Any]] = []
     for message in messages:
-        if isinstance(message.content, str):
-            out.append({"role": message.role, "content": message.content})
-            continue
-        parts: list[dict[str, Any]] = []
-        for part in message.content:
-            if isinstance(part, TextPart):
-                parts.append({"type": "text", "text": part.text})
-            elif isinstance(part, (ImageURLPart, ImagePart)):
-                parts.append({"type": "image"})
-        out.append({"role": message.role, "content": parts})
+        entry: dict[str, Any] = {"role": message.role}
+        if message.content is None or isinstance(message.content, str):
+            entry["content"] = message.content
+        elif message.role == "tool":  # templates render a tool's result as text
+            entry["content"] = "".join(p.text for p in message.content if isinstance(p, TextPart))
+        else:
+            parts: list[dict[str, Any]] = []
+            for part in message.content:
+                if isinstance(part, TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                elif isinstance(part, (ImageURLPart, ImagePart)):
+                    parts.append({"type": "image"})
+            entry["content"] = parts
+        if message.tool_calls is not None:
+            entry["tool_calls"] = [_tool_call(call) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
     return out
+
+
+def _tool_call(call: ToolCallIn) -> dict[str, Any]:
+    """A past tool call as templates expect it: arguments as an object, not JSON text
+    (transformers' convention, which vLLM follows)."""
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments else {}
+        except json.JSONDecodeError as exc:
+            raise PromptError(
+                f"tool_calls: arguments of {call.function.name!r} are not JSON: {exc}"
+            ) from exc
+    entry: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": arguments or {}},
+    }
+    if call.id is not None:
+        entry["id"] = call.id
+    return entry
 
 
 def render(
@@ -45,12 +74,17 @@ def render(
     messages: list[dict[str, Any]],
     chat_template: str | None = None,
     template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """Render with the model's template; a final assistant message is continued, not closed.
 
     ``template_kwargs`` become variables of the template (the job's ``chat_template_kwargs``).
     """
-    continue_final = bool(messages) and messages[-1]["role"] == "assistant"
+    continue_final = (
+        bool(messages)
+        and messages[-1]["role"] == "assistant"
+        and not messages[-1].get("tool_calls")
+    )
     try:
         text = templater.apply_chat_template(
             messages,
@@ -58,6 +92,7 @@ def render(
             tokenize=False,
             add_generation_prompt=not continue_final,
             continue_final_message=continue_final,
+            **({"tools": tools} if tools else {}),
             **(template_kwargs or {}),
         )
     except Exception as exc:  # jinja2 errors, templates raising on role order, ...

@@ -28,6 +28,7 @@ from vlm_worker.contract.openai_shapes import (
     to_native,
 )
 from vlm_worker.pipeline.runner import JobRunner
+from vlm_worker.serving.tool_calls import ToolCalls, uses_tools
 
 
 class ModelNotFound(InvalidInput):
@@ -59,8 +60,13 @@ class OpenAIRoute:
             if route == ROUTE_CHAT:
                 chat = self._check_model(parse_request(body))
                 native, aliases = to_native(chat), field_aliases(chat)
+                tools = None
+                if uses_tools(body):
+                    tokenizer = self.runner.engine.info.tokenizer
+                    tools = ToolCalls.for_request(body, self.settings, tokenizer)
+                    native.update(tools.native_fields())
                 fmt: ChatFormatter | CompletionFormatter = ChatFormatter(
-                    self.model_id, chat.include_usage, chat.top_logprobs or 0, chat.n
+                    self.model_id, chat.include_usage, chat.top_logprobs or 0, chat.n, tools
                 )
                 stream = chat.stream
             else:
@@ -130,11 +136,22 @@ class OpenAIRoute:
                     parts.append(sse(fmt.chunk(role, index=index)))
                 started = True
             index = chunk.get("index", 0)
-            if chunk.get("text"):
-                content = {"content": chunk["text"]}
-                parts.append(sse(fmt.chunk(content, None, chunk.get("logprobs"), index)))
-            if "finish_reason" in chunk:  # this choice's end (every choice's, when n is 1)
-                parts.append(sse(fmt.chunk({}, chunk["finish_reason"], index=index)))
+            ends = "finish_reason" in chunk  # this choice's end (every choice's, when n is 1)
+            if fmt.tools is not None and ("text" in chunk or ends):
+                delta = fmt.tools.delta(
+                    index, chunk.get("text", ""), chunk.get("token_ids"), finished=ends
+                )
+                if delta:
+                    parts.append(sse(fmt.chunk(delta, None, chunk.get("logprobs"), index)))
+                if ends:
+                    reason = fmt.tools.stream_finish_reason(index, chunk["finish_reason"])
+                    parts.append(sse(fmt.chunk({}, reason, index=index)))
+            else:
+                if chunk.get("text"):
+                    content = {"content": chunk["text"]}
+                    parts.append(sse(fmt.chunk(content, None, chunk.get("logprobs"), index)))
+                if ends:
+                    parts.append(sse(fmt.chunk({}, chunk["finish_reason"], index=index)))
             if "usage" in chunk:  # the job's last chunk
                 if fmt.include_usage:
                     parts.append(sse(fmt.usage_chunk(chunk["usage"])))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlm_worker.adapters.vllm import tool_parser_names
 from vlm_worker.config.cpu_defaults import available_memory, cpu_engine_defaults, runs_on_cpu
 from vlm_worker.config.engine_args import EngineSpec, build_engine_kwargs, default_max_model_len
 from vlm_worker.config.model_source import (
@@ -241,6 +242,15 @@ def ensure_tiny_model(settings: WorkerSettings, build: TinyModelBuilder | None) 
     build(TINY_MODEL_DIR)
 
 
+def check_tool_parser(settings: WorkerSettings) -> None:
+    """TOOL_CALL_PARSER names one of vLLM's parsers: a typo fails the start, not a job."""
+    name = settings.tool_call_parser
+    if name is not None and name not in (known := tool_parser_names()):
+        raise ConfigError(
+            f"TOOL_CALL_PARSER={name!r} is not one of vLLM's tool parsers: {', '.join(known)}"
+        )
+
+
 def start_worker(
     env: Mapping[str, str] | None = None,
     *,
@@ -256,6 +266,7 @@ def start_worker(
     env = os.environ if env is None else env
     settings = load_worker_settings(env)
     logs.setup(settings.log_level, settings.log_format, env)
+    check_tool_parser(settings)
     source = resolve_model_source(env, settings)  # fails fast on a model that is nowhere
     settings = served_settings(settings, source)
     if settings.uses_tiny_model:
