@@ -85,7 +85,7 @@ def test_to_native_maps_fields():
 @pytest.mark.parametrize(
     ("payload", "field", "words"),
     [
-        ({"tools": []}, "tools", "tool calling"),
+        ({"functions": []}, "functions", "function calling"),
         ({"top_logprobs": 2}, "top_logprobs", "requires logprobs: true"),
         (
             {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
