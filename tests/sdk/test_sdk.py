@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import urllib.error
@@ -13,18 +12,12 @@ from pathlib import Path
 import pytest
 
 from support.jobs import image_job
-from support.server import clean_env, start_api_server
+from support.server import clean_env, start_api_server, worker_env
 from vlm_worker.serving.local_run import local_job
 from vlm_worker.serving.main import parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.engine
-
-
-def worker_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "RUNPOD_WEBHOOK_GET_JOB")}
-    env.update(extra)
-    return env
 
 
 def test_local_job_selection(tmp_path):

@@ -29,6 +29,13 @@ CPU_ENGINE_ENV = {
 }
 
 
+def worker_env(**extra: str) -> dict[str, str]:
+    """This process's environment (the test session's CPU engine) for a child worker, off
+    RunPod and with the tiny model."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "RUNPOD_WEBHOOK_GET_JOB")}
+    return {**env, **extra}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without the CPU engine's variables nor MODEL_NAME:
     what a user who just typed ``python handler.py`` has."""

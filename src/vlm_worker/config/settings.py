@@ -67,6 +67,14 @@ class WorkerSettings:
         "Jinja chat template (the text itself, or a path to a file) replacing the model's.",
         category="Model",
     )
+    lora_modules: str | None = _setting(
+        None,
+        "LoRA adapters served by name, as `vllm serve --lora-modules`: `name=path` pairs, "
+        'comma-separated, or a JSON list of {"name", "path"}; a path is a folder or a '
+        "Hugging Face repo id. A request whose `model` is an adapter's name runs on it. "
+        "Needs ENABLE_LORA=true (and MAX_LORA_RANK at least the adapters' rank).",
+        category="Model",
+    )
     baked_model_manifest: str = _setting(
         "/models/manifest.json",
         "Manifest that builder/bake_model.py writes when a model is baked into the image. "

@@ -280,6 +280,8 @@ class Job(BaseModel):
     system_prompt: Annotated[Text, AfterValidator(_not_empty)] | None = None
     sampling_params: SamplingOptions = Field(default_factory=SamplingOptions)
     stream: bool = True
+    #: A LoRA adapter's name (``LORA_MODULES``) to run this job on; unset: the base model.
+    model: NonEmptyStr | None = None
     #: Function definitions the chat template shows the model (OpenAI's ``tools``).
     tools: list[dict[str, Any]] | None = Field(None, min_length=1, max_length=128)
     #: Each chunk carries its ``token_ids`` (and each choice in a whole answer).

@@ -35,6 +35,8 @@ class EngineRequest:
     prompt_token_ids: list[int] | None = None
     #: Each delta carries its generated token ids (tool-call parsing needs them).
     return_token_ids: bool = False
+    #: A LoRA adapter to run the request on: ``(name, id, path)``, as vLLM keys adapters.
+    lora: tuple[str, int, str] | None = None
 
 
 @dataclass(frozen=True)

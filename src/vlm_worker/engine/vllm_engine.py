@@ -133,6 +133,7 @@ class VllmEngine:
         prompt_logprobs = request.sampling.get("prompt_logprobs") is not None
         decode = self._decode
         with_ids = request.return_token_ids
+        lora_request = _lora_request(request.lora)
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         put = queue.put_nowait
@@ -152,7 +153,10 @@ class VllmEngine:
             batchers: dict[int, Batcher] = {}  # one per choice (``n``)
             try:
                 finished = False
-                async for out in self._llm.generate(prompt, params, request.request_id):
+                stream = self._llm.generate(
+                    prompt, params, request.request_id, lora_request=lora_request
+                )
+                async for out in stream:
                     deltas = _deltas(out, logprobs, prompt_logprobs, decode, with_ids)
                     for delta in deltas:
                         batcher = batchers.setdefault(delta.index, Batcher(request.batch))
@@ -200,6 +204,15 @@ def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
     asyncio.set_event_loop(loop)
     loop.call_soon(ready.set)
     loop.run_forever()
+
+
+def _lora_request(lora: tuple[str, int, str] | None) -> Any:
+    if lora is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    name, number, path = lora
+    return LoRARequest(name, number, path)
 
 
 def _sampling_params(values: dict[str, Any]) -> Any:

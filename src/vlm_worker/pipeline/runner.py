@@ -11,11 +11,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vlm_worker.config.lora_modules import LoraAdapter
 from vlm_worker.config.settings import WorkerSettings
 from vlm_worker.contract.errors import (
     InvalidInput,
@@ -133,9 +134,12 @@ class JobRunner:
         fetcher: ImageFetcher | None = None,
         on_fatal: Callable[[WorkerError], None] | None = None,
         hooks: PipelineHooks = NO_HOOKS,
+        adapters: Mapping[str, LoraAdapter] | None = None,
     ) -> None:
         self.engine = engine
         self.hooks = hooks
+        #: LoRA adapters by the name a job's ``model`` gives (``LORA_MODULES``).
+        self.adapters = dict(adapters or {})
         self.settings = settings
         self.executor = executor
         self.images = images or ImagePool(processes=0, threads=executor, hooks=hooks)
@@ -235,7 +239,25 @@ class JobRunner:
         if geometry is not None and bounds is None:
             mm_kwargs = {"min_pixels": geometry.min_pixels, "max_pixels": geometry.max_pixels}
         ids_for_engine = None if job.raw_prompt else ids
+        self._adapter(job)  # an unknown model fails here, before the engine
         return Prepared(job, text, images, tokens, sampling, warnings, mm_kwargs, ids_for_engine)
+
+    def base_names(self) -> tuple[str, ...]:
+        """The names the base model answers to (MODEL_NAME, the served name)."""
+        return (self.engine.info.name, self.settings.model_label, self.settings.openai_model_id)
+
+    def _adapter(self, job: Job) -> LoraAdapter | None:
+        """The LoRA adapter the job's ``model`` names, or None for the base model."""
+        name = job.model
+        if name is None or name in self.base_names():
+            return None
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            served = ", ".join([self.settings.openai_model_id, *self.adapters])
+            raise InvalidInput(
+                f"model: {name!r} is not served here; served: {served}", field="model"
+            )
+        return adapter
 
     def _job_geometry(self, job: Job) -> ImageGeometry | None:
         """The job's own resize bounds (``mm_processor_kwargs``), or None for the worker's.
@@ -366,6 +388,7 @@ class JobRunner:
             mm_processor_kwargs=prepared.mm_processor_kwargs,
             batch=self._batch_policy(prepared.job),
             return_token_ids=prepared.job.return_token_ids,
+            lora=_lora(self._adapter(prepared.job)),
         )
         total = Delta()  # the whole job: tokens of every choice, the prompt's logprobs
         choices: dict[int, Delta] = {}  # each choice's own, when n > 1
@@ -455,6 +478,10 @@ class JobRunner:
             chunk["warnings"] = prepared.warnings
         log.info("job done", extra={"job_id": job_id, **chunk["usage"], **chunk["timings"]})
         return chunk
+
+
+def _lora(adapter: LoraAdapter | None) -> tuple[str, int, str] | None:
+    return None if adapter is None else (adapter.name, adapter.id, adapter.path)
 
 
 def _stream_chunk(delta: Delta) -> dict[str, Any]:

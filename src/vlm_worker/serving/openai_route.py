@@ -80,6 +80,9 @@ class OpenAIRoute:
         except WorkerError as err:
             yield from_worker_error(err.to_dict()["error"])
             return
+        requested = body.get("model") if isinstance(body, dict) else None
+        if requested in self.runner.adapters:  # this request runs on a LoRA adapter
+            native["model"] = requested
         chunks = self.runner.run({"id": job_id, "input": native})
         if stream:
             streamer = self._stream_chat if isinstance(fmt, ChatFormatter) else self._stream_text
@@ -93,27 +96,27 @@ class OpenAIRoute:
                 yield fmt.completion(chunk)
 
     def _models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_id,
-                    "object": "model",
-                    "created": int(time.time()),
-                    "owned_by": "vlm-worker",
-                }
-            ],
+        """The base model and each LoRA adapter, whose ``parent`` is the base (as vLLM)."""
+        created = int(time.time())
+        base = {
+            "id": self.model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "vlm-worker",
         }
+        adapters = [
+            {**base, "id": name, "root": adapter.path, "parent": self.model_id}
+            for name, adapter in self.runner.adapters.items()
+        ]
+        return {"object": "list", "data": [base, *adapters]}
 
     def _check_model(self, req: RequestT) -> RequestT:
         model = getattr(req, "model", None)
-        if (
-            model is not None
-            and model != self.model_id
-            and not self.settings.openai_accept_any_model
-        ):
+        known = model is None or model == self.model_id or model in self.runner.adapters
+        if not known and not self.settings.openai_accept_any_model:
             raise ModelNotFound(
-                f"The model `{model}` does not exist; this endpoint serves `{self.model_id}`",
+                f"The model `{model}` does not exist; this endpoint serves "
+                f"{', '.join(f'`{m}`' for m in [self.model_id, *self.runner.adapters])}",
                 field="model",
             )
         return req

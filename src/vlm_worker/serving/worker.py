@@ -27,8 +27,11 @@ from typing import Any
 from vlm_worker.adapters.vllm import tool_parser_names
 from vlm_worker.config.cpu_defaults import available_memory, cpu_engine_defaults, runs_on_cpu
 from vlm_worker.config.engine_args import EngineSpec, build_engine_kwargs, default_max_model_len
+from vlm_worker.config.lora_modules import parse_lora_modules, resolve_adapters
 from vlm_worker.config.model_source import (
     ModelSource,
+    hub_cache_lookup,
+    hub_download,
     resolve_model_source,
     served_settings,
     use_source,
@@ -267,6 +270,7 @@ def start_worker(
     settings = load_worker_settings(env)
     logs.setup(settings.log_level, settings.log_format, env)
     check_tool_parser(settings)
+    lora_modules = parse_lora_modules(settings.lora_modules)
     source = resolve_model_source(env, settings)  # fails fast on a model that is nowhere
     settings = served_settings(settings, source)
     if settings.uses_tiny_model:
@@ -276,6 +280,14 @@ def start_worker(
         )
     ensure_tiny_model(settings, build_tiny_model)
     spec = engine_spec(env, settings, source)
+    cache_dir = env.get("DOWNLOAD_DIR") or None
+    adapters = resolve_adapters(
+        lora_modules,
+        spec.kwargs,
+        cached=hub_cache_lookup(cache_dir),
+        download=hub_download(cache_dir),
+        base_names=(settings.model_label, settings.openai_model_id),
+    )
     shown = {
         k: v
         for k, v in spec.kwargs.items()
@@ -309,7 +321,9 @@ def start_worker(
         engine.shutdown()
         raise
     log.info("image workers ready", extra={"mode": images.mode, "pids": pids})
-    runner = JobRunner(engine, settings, executor=threads, images=images, hooks=hooks)
+    runner = JobRunner(
+        engine, settings, executor=threads, images=images, hooks=hooks, adapters=adapters
+    )
     worker = Worker(settings, engine, runner)
     if settings.warmup if warmup is None else warmup:
         seconds = worker.warmup()
