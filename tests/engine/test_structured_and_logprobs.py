@@ -117,3 +117,11 @@ async def test_a_raw_prompt_reaches_the_engine_without_the_chat_template(worker)
         worker, {"prompt": text, "apply_chat_template": True, "max_tokens": 2, "stream": False}
     )
     assert templated["usage"]["prompt_tokens"] > len(ids)
+
+
+async def test_logprobs_above_the_engines_cap_name_the_field(worker):
+    """MAX_LOGPROBS (vLLM's default: 20) caps them, as vllm serve does."""
+    (chunk,) = await collect(worker, job(logprobs=21, max_tokens=2))
+    assert chunk["error"]["type"] == "invalid_input"
+    assert chunk["error"]["field"] == "sampling_params.logprobs", chunk
+    assert "20" in chunk["error"]["message"]

@@ -136,9 +136,6 @@ class Message(BaseModel):
         return self
 
 
-#: The most top tokens a job may ask logprobs for; vLLM's own cap (``MAX_LOGPROBS``,
-#: 20 by default) still applies and is reported by the engine as ``invalid_input``.
-MAX_TOP_LOGPROBS = 20
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
@@ -216,9 +213,10 @@ class SamplingOptions(BaseModel):
     n: int | None = Field(None, ge=1)
     #: Log probabilities of each generated token and of this many top alternatives (0:
     #: the generated token's only), in OpenAI's per-token shape.
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    #: capped by the engine's MAX_LOGPROBS (20 by default), as vllm serve caps it
+    logprobs: int | None = Field(None, ge=0)
     #: The same for the prompt's tokens (the first has none), in the final chunk.
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0)
     structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlm_worker.contract.errors import ErrorBody, InvalidInput
-from vlm_worker.contract.job_schema import MAX_TOP_LOGPROBS, validation_error_to_invalid_input
+from vlm_worker.contract.job_schema import validation_error_to_invalid_input
 
 ROUTE_CHAT = "/v1/chat/completions"
 ROUTE_COMPLETIONS = "/v1/completions"
@@ -121,7 +121,7 @@ class ChatRequest(SamplingRequest):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0)
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
@@ -137,7 +137,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] = Field(min_length=1)
     # OpenAI's and vLLM's default for this route, unlike chat's
     max_tokens: int | None = 16
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0)
     echo: bool = False
 
 
