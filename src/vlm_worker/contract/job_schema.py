@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -119,11 +120,19 @@ class ToolCallIn(BaseModel):
 class Message(BaseModel):
     model_config = _STRICT
     role: Literal["system", "user", "assistant", "tool"]
-    content: Text | list[ContentPart] | None = None
-    #: An assistant turn that called tools (its content may then be empty).
+    #: An assistant turn that called tools (its content may then be null).
     tool_calls: list[ToolCallIn] | None = Field(None, min_length=1, max_length=128)
     #: A ``tool`` turn: which call this result answers.
     tool_call_id: str | None = None
+    # after tool_calls, so that its check can see them
+    content: Text | list[ContentPart] | None
+
+    @field_validator("content")
+    @classmethod
+    def _content_or_calls(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and not info.data.get("tool_calls"):
+            raise ValueError("null only in an assistant message with tool_calls")
+        return value
 
     @model_validator(mode="after")
     def _check_role_fields(self) -> Message:
@@ -131,8 +140,6 @@ class Message(BaseModel):
             raise ValueError("tool_calls: only an assistant message carries tool calls")
         if self.tool_call_id is not None and self.role != "tool":
             raise ValueError("tool_call_id: only a tool message answers a tool call")
-        if self.content is None and self.tool_calls is None:
-            raise ValueError("content: required (an assistant message may have tool_calls instead)")
         return self
 
 

@@ -227,7 +227,7 @@ def to_native(req: ChatRequest) -> dict[str, Any]:
                     f"messages[{i}].content: assistant content is required (or tool_calls)",
                     field=f"messages[{i}].content",
                 )
-            msg.pop("content")
+            msg["content"] = None
         messages.append(msg)
     native: dict[str, Any] = {"messages": messages, **_sampling(req)}
     if req.chat_template_kwargs is not None:

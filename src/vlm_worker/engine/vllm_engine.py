@@ -153,9 +153,8 @@ class VllmEngine:
             batchers: dict[int, Batcher] = {}  # one per choice (``n``)
             try:
                 finished = False
-                stream = self._llm.generate(
-                    prompt, params, request.request_id, lora_request=lora_request
-                )
+                extra = {"lora_request": lora_request} if lora_request is not None else {}
+                stream = self._llm.generate(prompt, params, request.request_id, **extra)
                 async for out in stream:
                     deltas = _deltas(out, logprobs, prompt_logprobs, decode, with_ids)
                     for delta in deltas:
