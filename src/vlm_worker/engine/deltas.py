@@ -39,7 +39,10 @@ class Delta:
     def merge(self, other: Delta) -> None:
         self.prompt_logprobs = self.prompt_logprobs or other.prompt_logprobs
         if other.token_ids is not None:
-            self.token_ids = [*(self.token_ids or ()), *other.token_ids]
+            if self.token_ids is None:
+                self.token_ids = list(other.token_ids)
+            else:
+                self.token_ids.extend(other.token_ids)
         if other.logprobs is not None:
             if self.logprobs is None:
                 self.logprobs = list(other.logprobs)
