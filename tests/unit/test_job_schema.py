@@ -255,3 +255,26 @@ def test_the_openai_route_takes_no_strings_for_booleans_either():
     with pytest.raises(InvalidInput) as info:
         parse_request({"messages": [{"role": "user", "content": "hi"}], "stream": "true"})
     assert info.value.field == "stream"
+
+
+def test_tool_turns_in_the_history():
+    calls = [{"id": "c1", "type": "function", "function": {"name": "click", "arguments": "{}"}}]
+    job = parse_job(
+        {
+            "messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "c1", "content": "done"},
+            ]
+        }
+    )
+    assert job.messages[1].tool_calls[0].function.name == "click"
+    for bad, words in [
+        ({"role": "tool", "content": "done"}, "tool_call_id: required"),
+        ({"role": "user", "content": "x", "tool_call_id": "c1"}, "only a tool message"),
+        ({"role": "user", "content": "x", "tool_calls": calls}, "only an assistant message"),
+        ({"role": "user", "content": None}, "null only in an assistant message"),
+    ]:
+        with pytest.raises(InvalidInput) as info:
+            parse_job({"messages": [bad]})
+        assert info.value.field.startswith("messages[0]") and words in info.value.message

@@ -140,6 +140,8 @@ class Message(BaseModel):
             raise ValueError("tool_calls: only an assistant message carries tool calls")
         if self.tool_call_id is not None and self.role != "tool":
             raise ValueError("tool_call_id: only a tool message answers a tool call")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("tool_call_id: required in a tool message (the call it answers)")
         return self
 
 
