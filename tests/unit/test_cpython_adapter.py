@@ -1,4 +1,4 @@
-"""A str's bytes without a copy (``textbuf.ascii_view``)."""
+"""A str's bytes without a copy (``adapters.cpython.ascii_view``)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_the_view_reads_the_strings_own_memory_not_a_copy():
     chars_at = id(text) + sys.getsizeof("") - 1
     with ascii_view(text) as view:
         assert np.frombuffer(view, np.uint8).ctypes.data == chars_at
-        assert view.obj is None  # no bytes object in between
+        assert view.obj._owner is text  # no bytes object in between; the str is held
 
 
 def test_the_view_is_released_when_the_block_ends():
@@ -53,3 +53,26 @@ def test_str_subclasses_get_none():
 
     with ascii_view(Marked("abc")) as view:
         assert view is None
+
+
+def test_a_slice_kept_after_the_block_still_reads_its_bytes():
+    """A slice outliving the str once read freed memory (a crash, seen in a probe); the
+    view now holds the str. In a child process, so a regression cannot take pytest down."""
+    import subprocess
+
+    script = """
+import gc
+from vlm_worker.adapters.cpython import ascii_view
+text = "".join(["QUJD"] * 100_000)
+with ascii_view(text) as view:
+    kept = view[4:12]
+del text, view
+gc.collect()
+junk = ["x" * 400_000 for _ in range(50)]  # reuse the freed memory, were it freed
+assert bytes(kept) == b"QUJDQUJD", bytes(kept)
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

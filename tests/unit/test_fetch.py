@@ -742,6 +742,28 @@ def test_public_unicast_addresses_are_allowed_and_nothing_else(ip):
     assume(not any(ip.version == n.version and ip in n for n in _EMBEDDING))
     # The stdlib's is_global misses deprecated IPv6 site-local (fec0::/10); refused here.
     site_local = ip.version == 6 and ip.is_site_local
-    public = ip.is_global and not ip.is_multicast and not ip.is_reserved and not site_local
+    # IANA's 192.0.0.0/24 is refused whole, and metadata endpoints are public addresses
+    protocol = ip.version == 4 and ip in ipaddress.ip_network("192.0.0.0/24")
+    special = site_local or protocol or ip in METADATA_ADDRESSES
+    public = ip.is_global and not ip.is_multicast and not ip.is_reserved and not special
     assert (classify(ip) is AddressClass.GLOBAL) is public
     assert (AddressPolicy().refusal(ip) is None) is public
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("168.63.129.16", AddressClass.METADATA),  # Azure's host endpoint
+        ("192.0.0.9", AddressClass.RESERVED),  # IETF protocol assignments, anycast included
+        ("192.0.0.100", AddressClass.RESERVED),
+        ("192.0.1.1", AddressClass.GLOBAL),
+    ],
+)
+def test_special_purpose_addresses_are_refused(address, expected):
+    assert classify(ipaddress.ip_address(address)) is expected
+
+
+def test_allowed_domains_use_idna_2008_as_urls_do():
+    allow = DomainAllowList.parse(["faß.de"])
+    assert allow.domains == ("xn--fa-hia.de",)
+    assert allow.allows("xn--fa-hia.de") and not allow.allows("fass.de")

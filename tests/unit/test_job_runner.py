@@ -362,3 +362,15 @@ async def test_a_job_may_narrow_the_resize_bounds_and_vllm_is_told_the_same(info
         {"task": "grounding", "instruction": "x", "image": uri, "mm_processor_kwargs": {}},
     )
     assert err["error"]["field"] == "mm_processor_kwargs"
+
+
+async def test_a_source_with_surrounding_whitespace_is_read_as_what_it_is(info):
+    """' https://…' once got 'image URL scheme https is not supported'."""
+    from support.jobs import data_uri, screenshot
+
+    runner = runner_for(info, [tok("a", True, "stop", prompt=3)])
+    (err,) = await run(runner, image_job("  http://127.0.0.1:9/shot.png\n"))
+    assert err["error"]["type"] == "image_fetch", err  # fetched, and refused as loopback
+    assert "scheme" not in err["error"]["message"]
+    (final,) = await run(runner, image_job(" " + data_uri(screenshot()) + " ", stream=False))
+    assert final["images"][0]["original_size"] == [320, 200]

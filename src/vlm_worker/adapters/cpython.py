@@ -2,8 +2,8 @@
 
 Checked against CPython 3.10-3.12 (the CPU venv runs 3.11, the vLLM image 3.12):
 
-* ``ctypes.pythonapi.PyUnicode_AsUTF8AndSize`` and ``PyMemoryView_FromMemory``
-  (``ascii_view``): C API functions, stable, reached through ``ctypes``.
+* ``ctypes.pythonapi.PyUnicode_AsUTF8AndSize`` (``ascii_view``): a stable C API
+  function, reached through ``ctypes``.
 * ``concurrent.futures.ProcessPoolExecutor._processes`` (``pool_pids``): the pool's
   live processes by pid; the executor has no public accessor.
 
@@ -12,16 +12,16 @@ Why: a job's image arrives as a data URI inside the JSON the SDK parsed, a Pytho
 of megabytes for a 4K screenshot. Whatever copies it (a slice to drop the ``data:``
 header, ``str.encode``, pickling it for an image process) holds the GIL for the whole
 copy, and every stream on the worker waits that long for its next chunk
-(``docs/decisions/0007-gil-sparing-decoding.md``). C code that reads a buffer (pybase64, ``os.write``) releases the GIL while it
-reads; given the ``str``'s own memory, it needs no copy at all.
+(``docs/decisions/0007-gil-sparing-decoding.md``). C code that reads a buffer
+(pybase64, ``os.write``) releases the GIL while it reads; given the ``str``'s own memory,
+it needs no copy at all.
 
 CPython stores an ASCII ``str`` as one byte per character, and
 ``PyUnicode_AsUTF8AndSize`` returns that very storage for one (no conversion, no
-allocation); ``PyMemoryView_FromMemory`` wraps it. Such a view does not keep the ``str``
-alive, so it exists only inside a ``with`` block during which the caller holds the
-``str``, and is released at the block's end (a use after it raises, rather than reading
-freed memory). Strings that are not ASCII, and other Python implementations, get
-``None`` and the caller copies as before.
+allocation). The view exports it through a ctypes array that holds a reference to the
+``str``, so the view, and any slice of it, keeps the ``str`` alive: none can read freed
+memory, whatever a caller keeps. Strings that are not ASCII, and other Python
+implementations, get ``None`` and the caller copies as before.
 """
 
 from __future__ import annotations
@@ -32,16 +32,11 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-_PYBUF_READ = 0x100
-
-_as_utf8 = _from_memory = None
+_as_utf8 = None
 if sys.implementation.name == "cpython":
     _as_utf8 = ctypes.pythonapi.PyUnicode_AsUTF8AndSize
     _as_utf8.restype = ctypes.c_void_p
     _as_utf8.argtypes = [ctypes.py_object, ctypes.POINTER(ctypes.c_ssize_t)]
-    _from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
-    _from_memory.restype = ctypes.py_object
-    _from_memory.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
 
 
 @contextlib.contextmanager
@@ -59,7 +54,11 @@ def ascii_view(text: str) -> Iterator[memoryview | None]:
     if not address or size.value != len(text):
         yield None
         return
-    view = _from_memory(address, size.value, _PYBUF_READ)
+    # The bytes are exported through a ctypes array that holds the str: every view and
+    # slice taken from it keeps the str alive, so none can outlive the memory it reads.
+    array = (ctypes.c_ubyte * size.value).from_address(address)
+    array._owner = text  # type: ignore[attr-defined]
+    view = memoryview(array).cast("B").toreadonly()
     try:
         yield view
     finally:

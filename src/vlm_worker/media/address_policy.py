@@ -17,6 +17,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import idna
+
 from vlm_worker.contract.errors import ConfigError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -48,6 +50,7 @@ METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
         "fd00:ec2::254",
         "fd00:ec2::23",
         "100.100.100.200",
+        "168.63.129.16",  # Azure's host platform endpoint (WireServer)
     )
 )
 
@@ -60,6 +63,9 @@ _PRIVATE_NETS = tuple(
     for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fec0::/10")
 )
 _SHARED_NET = ipaddress.ip_network("100.64.0.0/10")
+#: IANA's IETF protocol assignments (192.0.0.0/24): not for hosts to fetch from, the
+#: anycast .9 and .10 included, whatever this Python's ``is_global`` says of them.
+_PROTOCOL_ASSIGNMENTS_NET = ipaddress.ip_network("192.0.0.0/24")
 _NAT64_NET = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE_NET = ipaddress.ip_network("::/96")
 
@@ -99,6 +105,8 @@ def classify(ip: IPAddress) -> AddressClass:
         return AddressClass.SHARED
     if any(ip.version == net.version and ip in net for net in _PRIVATE_NETS):
         return AddressClass.PRIVATE
+    if ip.version == 4 and ip in _PROTOCOL_ASSIGNMENTS_NET:
+        return AddressClass.RESERVED
     if not ip.is_global or ip.is_reserved:  # is_reserved: unallocated IPv6, 240/4
         return AddressClass.RESERVED
     return AddressClass.GLOBAL
@@ -149,9 +157,9 @@ def literal_address(host: str) -> IPAddress | None:
 def normalize_domain(entry: str) -> str:
     """One ALLOWED_IMAGE_DOMAINS entry as the ASCII, lower-case, dot-less name it matches."""
     name = entry.strip().lower().removeprefix("*.").strip(".")
-    try:
-        name = name.encode("idna").decode("ascii")
-    except UnicodeError as exc:
+    try:  # IDNA 2008 with UTS 46, as URLs' hosts are encoded (yarl): faß.de is not fass.de
+        name = idna.encode(name, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
         raise ConfigError(f"ALLOWED_IMAGE_DOMAINS entry {entry!r} is not a host name") from exc
     labels = name.split(".")
     if (

@@ -294,6 +294,7 @@ class JobRunner:
         self, field: str, source: str, geometry: ImageGeometry | None = None
     ) -> PreparedImage:
         info = self.engine.info
+        source = source.strip()  # the same str, uncopied, when there is nothing to strip
         fetched = await self.fetcher.fetch(source, field) if is_url(source) else None
         alone = self.in_flight <= 1 and self.preparing <= 1
         started = time.perf_counter()
