@@ -95,6 +95,8 @@ class Prepared:
     #: The prompt text's token ids (one per image placeholder), tokenized in our thread
     #: pool so that vLLM's event loop need not.
     prompt_token_ids: list[int] | None = None
+    #: The LoRA adapter the job's ``model`` names, or None for the base model.
+    adapter: LoraAdapter | None = None
 
 
 @dataclass
@@ -239,8 +241,10 @@ class JobRunner:
         if geometry is not None and bounds is None:
             mm_kwargs = {"min_pixels": geometry.min_pixels, "max_pixels": geometry.max_pixels}
         ids_for_engine = None if job.raw_prompt else ids
-        self._adapter(job)  # an unknown model fails here, before the engine
-        return Prepared(job, text, images, tokens, sampling, warnings, mm_kwargs, ids_for_engine)
+        adapter = self._adapter(job)  # an unknown model fails here, before the engine
+        return Prepared(
+            job, text, images, tokens, sampling, warnings, mm_kwargs, ids_for_engine, adapter
+        )
 
     def base_names(self) -> tuple[str, ...]:
         """The names the base model answers to (MODEL_NAME, the served name)."""
@@ -389,7 +393,7 @@ class JobRunner:
             mm_processor_kwargs=prepared.mm_processor_kwargs,
             batch=self._batch_policy(prepared.job),
             return_token_ids=prepared.job.return_token_ids,
-            lora=_lora(self._adapter(prepared.job)),
+            lora=_lora(prepared.adapter),
         )
         total = Delta()  # the whole job: tokens of every choice, the prompt's logprobs
         choices: dict[int, Delta] = {}  # each choice's own, when n > 1

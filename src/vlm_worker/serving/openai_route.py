@@ -140,21 +140,16 @@ class OpenAIRoute:
                 started = True
             index = chunk.get("index", 0)
             ends = "finish_reason" in chunk  # this choice's end (every choice's, when n is 1)
+            text = chunk.get("text", "")
+            delta, reason = ({"content": text} if text else None), chunk.get("finish_reason")
             if fmt.tools is not None and ("text" in chunk or ends):
-                delta = fmt.tools.delta(
-                    index, chunk.get("text", ""), chunk.get("token_ids"), finished=ends
-                )
-                if delta:
-                    parts.append(sse(fmt.chunk(delta, None, chunk.get("logprobs"), index)))
-                if ends:
-                    reason = fmt.tools.stream_finish_reason(index, chunk["finish_reason"])
-                    parts.append(sse(fmt.chunk({}, reason, index=index)))
-            else:
-                if chunk.get("text"):
-                    content = {"content": chunk["text"]}
-                    parts.append(sse(fmt.chunk(content, None, chunk.get("logprobs"), index)))
-                if ends:
-                    parts.append(sse(fmt.chunk({}, chunk["finish_reason"], index=index)))
+                # the parser decides what of the text is content and what a tool call
+                delta = fmt.tools.delta(index, text, chunk.get("token_ids"), finished=ends)
+                reason = fmt.tools.stream_finish_reason(index, reason)
+            if delta:
+                parts.append(sse(fmt.chunk(delta, None, chunk.get("logprobs"), index)))
+            if ends:
+                parts.append(sse(fmt.chunk({}, reason, index=index)))
             if "usage" in chunk:  # the job's last chunk
                 if fmt.include_usage:
                     parts.append(sse(fmt.usage_chunk(chunk["usage"])))
