@@ -56,12 +56,19 @@ def answer_script(answer: str, finish: str = "stop") -> list[Delta]:
 
 
 def scripted_info(
-    processor: Any, max_model_len: int = 4096, geometry: ImageGeometry | None = None
+    processor: Any,
+    max_model_len: int = 4096,
+    geometry: ImageGeometry | None = None,
+    pre_resize: bool = True,
 ) -> ModelInfo:
+    """``pre_resize=False``: as if the model were a family whose processor resizes."""
+    if pre_resize:
+        geometry = geometry or ImageGeometry()  # the tiny model's processor: 3136 .. 1003520 px
     return ModelInfo(
         name="scripted",
         max_model_len=max_model_len,
-        geometry=geometry or ImageGeometry(),  # the tiny model's processor: 3136 .. 1003520 px
+        geometry=geometry if pre_resize else None,
+        architecture="Qwen2_5_VLForConditionalGeneration" if pre_resize else "OtherVLM",
         image_processor=processor.image_processor,
         templater=processor,
         tokenizer=processor.tokenizer,

@@ -374,3 +374,82 @@ async def test_a_source_with_surrounding_whitespace_is_read_as_what_it_is(info):
     assert "scheme" not in err["error"]["message"]
     (final,) = await run(runner, image_job(" " + data_uri(screenshot()) + " ", stream=False))
     assert final["images"][0]["original_size"] == [320, 200]
+
+
+# ------------------------------------------------ a family whose processor resizes
+def multi_image_job(sizes, text="Compare them."):
+    from PIL import Image
+
+    from support.jobs import data_uri
+
+    parts = [
+        {
+            "type": "image_url",
+            "image_url": {"url": data_uri(Image.new("RGB", size, (9 * i, 40, 90)))},
+        }
+        for i, size in enumerate(sizes)
+    ]
+    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]}
+
+
+async def test_full_size_family_gets_every_image_in_order_and_unresized(processor):
+    info = scripted_info(processor, pre_resize=False)
+    engine = ScriptedEngine(info, [tok("ok", True, "stop", prompt=777)])
+    runner = JobRunner(engine, load_worker_settings({}))
+    sizes = [(1920, 1080), (300, 900), (64, 64)]
+    chunks = [c async for c in runner.run({"id": "j", "input": multi_image_job(sizes)})]
+    (request,) = engine.requests
+    assert [img.size for img in request.images] == sizes  # full size, in order
+    assert all(i.endswith("-original") for i in request.image_ids)
+    assert request.mm_processor_kwargs is None  # the processor's own bounds
+    final = chunks[-1]
+    assert [i["original_size"] for i in final["images"]] == [list(s) for s in sizes]
+    assert [i["resized_size"] for i in final["images"]] == [None, None, None]
+    assert final["usage"]["prompt_tokens"] == 777  # vLLM's count, not an estimate
+
+
+async def test_qwen_family_images_keep_their_order_and_are_each_resized(info):
+    engine = ScriptedEngine(info, [tok("ok", True, "stop", prompt=9)])
+    runner = JobRunner(engine, load_worker_settings({}))
+    sizes = [(1920, 1080), (300, 900), (64, 64), (640, 480)]
+    chunks = [c async for c in runner.run({"id": "j", "input": multi_image_job(sizes)})]
+    (request,) = engine.requests
+    resized = [tuple(i["resized_size"]) for i in chunks[-1]["images"]]
+    assert [img.size for img in request.images] == resized
+    assert [tuple(i["original_size"]) for i in chunks[-1]["images"]] == sizes
+
+
+async def test_more_images_than_allowed_names_the_first_extra_one(info):
+    engine = ScriptedEngine(info, [tok("ok", True, "stop")])
+    runner = JobRunner(engine, load_worker_settings({"MAX_IMAGES_PER_JOB": "2"}))
+    (chunk,) = [c async for c in runner.run({"id": "j", "input": multi_image_job([(8, 8)] * 3)})]
+    assert chunk["error"]["type"] == "invalid_input"
+    assert chunk["error"]["field"] == "messages[0].content[2].image_url.url"
+    assert "MAX_IMAGES_PER_JOB is 2" in chunk["error"]["message"]
+    assert engine.requests == []
+
+
+async def test_full_size_family_refuses_grounding_and_resize_bounds(processor):
+    from support.jobs import data_uri
+
+    info = scripted_info(processor, pre_resize=False)
+    engine = ScriptedEngine(info, [tok("ok", True, "stop")])
+    runner = JobRunner(engine, load_worker_settings({}))
+    grounding = {"task": "grounding", "image": data_uri(), "instruction": "the Save button"}
+    (chunk,) = [c async for c in runner.run({"id": "g", "input": grounding})]
+    assert chunk["error"]["type"] == "invalid_input" and chunk["error"]["field"] == "task"
+    assert "OtherVLM" in chunk["error"]["message"]
+    bounded = multi_image_job([(64, 64)]) | {"mm_processor_kwargs": {"max_pixels": 200000}}
+    (chunk,) = [c async for c in runner.run({"id": "b", "input": bounded})]
+    assert chunk["error"]["field"] == "mm_processor_kwargs.max_pixels"
+    assert engine.requests == []
+
+
+async def test_full_size_family_refuses_a_text_longer_than_the_context(processor):
+    info = scripted_info(processor, max_model_len=64, pre_resize=False)
+    engine = ScriptedEngine(info, [tok("ok", True, "stop")])
+    runner = JobRunner(engine, load_worker_settings({}))
+    job = multi_image_job([(64, 64)], text="word " * 200)
+    (chunk,) = [c async for c in runner.run({"id": "j", "input": job})]
+    assert chunk["error"]["type"] == "prompt_too_long"
+    assert engine.requests == []

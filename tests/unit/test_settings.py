@@ -31,7 +31,7 @@ FIELDS = (
 def test_defaults_point_at_the_tiny_model():
     settings = load_worker_settings({})
     assert settings.uses_tiny_model and settings.resolved_model == str(TINY_MODEL_DIR)
-    assert settings.max_images_per_job == 1 and settings.warmup is True
+    assert settings.max_images_per_job == 4 and settings.warmup is True
 
 
 def test_values_are_converted_to_their_types():

@@ -134,7 +134,12 @@ class WorkerSettings:
         maximum=256,
     )
     max_images_per_job: int = _setting(
-        1, "Images one job may carry.", category="Images", minimum=0, maximum=64
+        4,
+        "Images one job may carry (vLLM's `limit_mm_per_prompt`); they keep their order. "
+        "A grounding job takes one.",
+        category="Images",
+        minimum=0,
+        maximum=64,
     )
     image_min_pixels: int | None = _setting(
         None,

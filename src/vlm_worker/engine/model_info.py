@@ -8,7 +8,9 @@ from typing import Any
 
 from vlm_worker.adapters.vllm import encoder_cache_size, image_placeholder
 from vlm_worker.config.settings import WorkerSettings
+from vlm_worker.contract.errors import ConfigError
 from vlm_worker.engine.protocol import ModelInfo
+from vlm_worker.media.families import ImageHandling, image_handling
 from vlm_worker.media.geometry import ImageGeometry
 
 log = logging.getLogger("vlm_worker.model")
@@ -130,6 +132,14 @@ def build_model_info(
         if getattr(processor, "chat_template", None) or chat_template
         else getattr(processor, "tokenizer", None) or tokenizer
     )
+    architecture = served_architecture(model_config)
+    handling = image_handling(
+        architecture,
+        image_processor,
+        lambda: geometry_from(image_processor, engine_kwargs.get("mm_processor_kwargs")),
+    )
+    check_image_bounds(handling, settings)
+    log.info("image handling", extra=handling.describe())
     placeholder = image_placeholder(model_config)
     image_token = getattr(processor, "image_token", None) or placeholder
     served = engine_kwargs.get("served_model_name")
@@ -137,7 +147,7 @@ def build_model_info(
     return ModelInfo(
         name=name,
         max_model_len=int(model_config.max_model_len),
-        geometry=geometry_from(image_processor, engine_kwargs.get("mm_processor_kwargs")),
+        geometry=handling.geometry,
         image_processor=image_processor,
         templater=templater,
         tokenizer=tokenizer,
@@ -146,4 +156,30 @@ def build_model_info(
         default_sampling=dict(model_config.get_diff_sampling_param() or {}),
         max_image_tokens=encoder_cache_size(llm),
         encoder=text_encoder(tokenizer, _probe_prompt(templater, placeholder)),
+        architecture=architecture,
     )
+
+
+def served_architecture(model_config: Any) -> str:
+    """The architecture vLLM resolved for the model (its model class's name)."""
+    name = getattr(model_config, "architecture", None)
+    if isinstance(name, str) and name:
+        return name
+    names = getattr(getattr(model_config, "hf_config", None), "architectures", None) or [""]
+    return str(names[0])
+
+
+def check_image_bounds(handling: ImageHandling, settings: WorkerSettings) -> None:
+    """IMAGE_MIN_PIXELS / IMAGE_MAX_PIXELS are ``smart_resize`` bounds: a model whose
+    processor resizes otherwise would ignore them, or fail on every image."""
+    if handling.pre_resize:
+        return
+    for name, value in (
+        ("IMAGE_MIN_PIXELS", settings.image_min_pixels),
+        ("IMAGE_MAX_PIXELS", settings.image_max_pixels),
+    ):
+        if value is not None:
+            raise ConfigError(
+                f"{name} applies to Qwen2-VL-family models only; {handling.architecture} "
+                f"resizes with {handling.processor_class}'s own rule: unset {name}"
+            )

@@ -45,7 +45,9 @@ class ModelInfo:
 
     name: str
     max_model_len: int
-    geometry: ImageGeometry
+    #: The resize rule the worker reproduces and applies ahead of vLLM; None for a
+    #: family whose processor resizes full-size images itself (``media.families``).
+    geometry: ImageGeometry | None
     image_processor: Any
     templater: Any  # has apply_chat_template (the processor, or the tokenizer)
     tokenizer: Any
@@ -58,6 +60,8 @@ class ModelInfo:
     #: text -> ids without vLLM's tokenizer pool (``model_info.text_encoder``); None: the
     #: tokenizer's own ``encode``.
     encoder: Callable[[str], list[int]] | None = None
+    #: The served architecture (vLLM's model class name), for errors and logs.
+    architecture: str = ""
 
     def text_token_ids(self, text: str) -> list[int]:
         """A rendered chat prompt's ids: the template wrote any special tokens itself."""

@@ -49,7 +49,8 @@ class PreparedImage:
 
     image: Image.Image
     original_size: tuple[int, int]  # (width, height), as clients usually write sizes
-    resized_size: tuple[int, int]
+    #: The size the model sees; None where vLLM's processor resizes (``media.families``).
+    resized_size: tuple[int, int] | None
     format: str
     nbytes: int
     sha256: str  # of the encoded bytes
@@ -67,21 +68,25 @@ class PreparedImage:
         pixels itself (a copy and a hash of every image on its event loop); equal ids mean
         equal pixels, which is what its processor and prefix caches need.
         """
+        if self.resized_size is None:
+            return f"{self.sha256}-original"
         w, h = self.resized_size
         resized = self.image.size == self.resized_size
         return f"{self.sha256}-{w}x{h}" + ("" if resized else "-original")
 
     def __repr__(self) -> str:
+        resized = (
+            "processor" if self.resized_size is None else "x".join(map(str, self.resized_size))
+        )
         return (
             f"PreparedImage({self.format} {self.original_size[0]}x{self.original_size[1]}"
-            f"->{self.resized_size[0]}x{self.resized_size[1]}, {self.nbytes} bytes, "
-            f"sha256:{self.digest})"
+            f"->{resized}, {self.nbytes} bytes, sha256:{self.digest})"
         )
 
     def describe(self) -> dict[str, Any]:
         return {
             "original_size": list(self.original_size),
-            "resized_size": list(self.resized_size),
+            "resized_size": None if self.resized_size is None else list(self.resized_size),
             "format": self.format,
             "bytes": self.nbytes,
         }
@@ -357,13 +362,26 @@ def prepare_image(
     data: bytes,
     *,
     field: str,
-    geometry: ImageGeometry,
+    geometry: ImageGeometry | None,
     processor: Any,
     max_source_pixels: int,
 ) -> PreparedImage:
-    """Decode, orient, convert and resize one image (CPU-bound: call it off the event loop)."""
+    """Decode, orient, convert and resize one image (CPU-bound: call it off the event loop).
+
+    Without a ``geometry`` (a family whose resize the worker does not reproduce) the
+    upright RGB image goes to vLLM at full size, and its processor resizes it.
+    """
     pixels, fmt = decode_pixels(data, field, max_source_pixels)
     width, height = pixel_size(pixels)
+    if geometry is None:
+        return PreparedImage(
+            image=as_pil(pixels),
+            original_size=(width, height),
+            resized_size=None,
+            format=fmt,
+            nbytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
     new_h, new_w = geometry.target_size(height, width, field)
     # Pre-resize only when the processor will leave our output alone: smart_resize of the
     # target must be the target (not so for near-200:1 images or tiny max_pixels). Else
@@ -394,7 +412,7 @@ def prepare_source(
     source: str | bytes,
     *,
     field: str,
-    geometry: ImageGeometry,
+    geometry: ImageGeometry | None,
     processor: Any,
     limits: ImageLimits,
 ) -> PreparedImage:

@@ -161,7 +161,7 @@ def _in_process(
     return dataclasses.replace(prepared, image=pixel_files.ship(prepared.image))
 
 
-def _warm(geometry: ImageGeometry, processor: Any) -> int:
+def _warm(geometry: ImageGeometry | None, processor: Any) -> int:
     """Run the whole path on a screenshot-sized image, twice, in each process.
 
     Proves every process can prepare an image before the worker takes jobs, and moves
@@ -245,7 +245,7 @@ class ImagePool:
         if self._pool is not None:
             self._spawned = [self._pool.submit(_pid) for _ in range(self.processes)]
 
-    def start(self, geometry: ImageGeometry, processor: Any) -> list[int]:
+    def start(self, geometry: ImageGeometry | None, processor: Any) -> list[int]:
         """Wait for the worker processes and run an image through the pool, so a broken
         set-up (an unpicklable processor, a missing import) fails the start, not a job.
         Returns the workers' pids."""
@@ -275,7 +275,7 @@ class ImagePool:
         source: str | bytes,
         *,
         field: str,
-        geometry: ImageGeometry,
+        geometry: ImageGeometry | None,
         processor: Any,
         limits: ImageLimits,
         alone: bool = False,

@@ -156,13 +156,19 @@ class JobRunner:
         self.in_flight = 0  # jobs in ``run``
         self.preparing = 0  # calls in ``prepare`` (a job's first stage, or a direct call)
         self._chat_template = settings.chat_template_text()
-        self.grounding_bounds = grounding.grounding_bounds(
-            engine.info.geometry,
-            settings.grounding_min_pixels,
-            settings.grounding_max_pixels,
-            engine.info.max_image_tokens,
+        #: None for a model whose resize the worker does not reproduce: a grounding
+        #: prompt must state the size the model sees.
+        self.grounding_bounds = (
+            None
+            if engine.info.geometry is None
+            else grounding.grounding_bounds(
+                engine.info.geometry,
+                settings.grounding_min_pixels,
+                settings.grounding_max_pixels,
+                engine.info.max_image_tokens,
+            )
         )
-        if self.grounding_bounds.note:
+        if self.grounding_bounds is not None and self.grounding_bounds.note:
             log.warning(self.grounding_bounds.note)
 
     async def run(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -222,7 +228,7 @@ class JobRunner:
             )
         # A grounding job's image is resized with GTA1's bounds, and vLLM's processor is
         # told the same ones, so the size its prompt states is the size the model sees.
-        bounds = self.grounding_bounds if job.task == "grounding" else None
+        bounds = self._grounding_bounds() if job.task == "grounding" else None
         geometry = bounds.geometry if bounds else self._job_geometry(job)
         image_work = [self._image(f, s, geometry) for f, s in sources]
         if job.task == "grounding":  # its prompt states the resized size: images first
@@ -263,6 +269,17 @@ class JobRunner:
             )
         return adapter
 
+    def _grounding_bounds(self) -> grounding.GroundingBounds:
+        if self.grounding_bounds is None:
+            info = self.engine.info
+            raise InvalidInput(
+                f"task: grounding needs a model whose image resize the worker reproduces "
+                f"(Qwen2-VL, Qwen2.5-VL, Qwen3-VL and their fine-tunes); {info.architecture} "
+                "resizes in its own processor",
+                field="task",
+            )
+        return self.grounding_bounds
+
     def _job_geometry(self, job: Job) -> ImageGeometry | None:
         """The job's own resize bounds (``mm_processor_kwargs``), or None for the worker's.
 
@@ -273,6 +290,13 @@ class JobRunner:
         if own is None or (own.min_pixels is None and own.max_pixels is None):
             return None
         base = self.engine.info.geometry
+        if base is None:
+            name = "min_pixels" if own.min_pixels is not None else "max_pixels"
+            raise InvalidInput(
+                f"mm_processor_kwargs.{name}: resize bounds apply to Qwen2-VL-family models "
+                f"only; {self.engine.info.architecture} resizes with its processor's own rule",
+                field=f"mm_processor_kwargs.{name}",
+            )
         floor = base.factor * base.factor
         high = own.max_pixels if own.max_pixels is not None else base.max_pixels
         low = own.min_pixels if own.min_pixels is not None else min(base.min_pixels, high)
@@ -335,10 +359,21 @@ class JobRunner:
         return text, ids
 
     def _prompt_tokens(self, text_tokens: int, images: list[PreparedImage]) -> int:
-        """What vLLM will count: each placeholder expands to the resized image's tokens."""
+        """What vLLM will count: each placeholder expands to the resized image's tokens.
+
+        For a family whose resize (and so token count) only vLLM's processor knows, the
+        text's tokens: a lower bound, enough to refuse a text that cannot fit; vLLM
+        refuses the rest (``prompt_too_long``) and reports the exact count.
+        """
         info = self.engine.info
+        if info.geometry is None:
+            check_length(text_tokens, info.max_model_len)
+            return text_tokens
+        geometry = info.geometry
         image_tokens = sum(
-            info.geometry.image_tokens(h, w) for (w, h) in (img.resized_size for img in images)
+            geometry.image_tokens(size[1], size[0])
+            for size in (img.resized_size for img in images)
+            if size is not None
         )
         tokens = text_tokens - len(images) + image_tokens
         check_length(tokens, info.max_model_len)
