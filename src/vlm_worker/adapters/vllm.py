@@ -11,7 +11,8 @@ what breaks if it moves:
   own resize bounds, are capped by it. When it is missing, nothing is capped and an
   oversized grounding image fails inside vLLM instead of with our message.
 * ``vllm.model_executor.model_loader.utils.get_model_cls``: the model class, whose
-  ``get_placeholder_str("image", 0)`` is the placeholder text vLLM expects per image.
+  ``get_placeholder_str("image", 0)`` (and ``"video"``) is the placeholder text vLLM
+  expects per image (per video; a class without video raises or returns None).
 * ``vllm.v1.engine.exceptions.EngineDeadError`` and ``EngineGenerateError``: vLLM's split
   between a dead engine (the worker exits) and one failed request (other jobs go on).
 * ``vllm.exceptions.VLLMValidationError.parameter``: which sampling parameter vLLM
@@ -24,6 +25,19 @@ what breaks if it moves:
   read tools and ``tool_choice`` from it); ``vllm.entrypoints.chat_utils.make_tool_call_id``.
   These are vLLM's serving layer, not its engine: a release that moves them breaks tool
   calling only (the tests send the same tool requests to ``vllm serve``).
+* Video sampling as ``vllm serve`` does it, from ``vllm.multimodal.video``:
+  ``VIDEO_LOADER_REGISTRY.name2class`` (the loader classes by name), each loader's
+  ``load_bytes`` and ``compute_frames_index_to_sample`` (its ``_prepare_source`` where it
+  has one), ``VideoSourceMetadata`` and ``VideoTargetMetadata``,
+  ``get_video_loader_backend_for_processor``, ``OpenCVVideoBackendMixin
+  .get_cv2_video_api``, and ``vllm.envs`` ``VLLM_VIDEO_LOADER_BACKEND`` and
+  ``VLLM_MAX_IMAGE_PIXELS``. The worker samples a job's video with vLLM's own loader so
+  the frames and their metadata are the ones ``vllm serve`` would send; it computes the
+  indices from the header first to refuse oversized videos before any frame is decoded.
+  If these move, video jobs fail (``tests/unit/test_video.py`` checks the indices
+  against the loaders and against transformers' ``Qwen2VLVideoProcessor``); a changed
+  sampling rule in a loader would make the pre-decode caps count differently from what
+  is decoded, which ``media.video`` refuses as a decode error rather than letting through.
 * The text of the ``ValueError`` vLLM raises for a prompt longer than ``max_model_len``.
   It has no exception class of its own; a changed wording turns ``prompt_too_long`` into
   ``invalid_input`` (the test suite sends such a prompt through the real engine).
@@ -54,6 +68,19 @@ def image_placeholder(model_config: Any) -> str:
     from vllm.model_executor.model_loader.utils import get_model_cls
 
     return get_model_cls(model_config).get_placeholder_str("image", 0)
+
+
+def video_placeholder(model_config: Any) -> str | None:
+    """What vLLM's model class expects per video, or None for a model that takes none.
+
+    Classes without video raise (``ValueError``) or return None for the modality."""
+    from vllm.model_executor.model_loader.utils import get_model_cls
+
+    try:
+        text = get_model_cls(model_config).get_placeholder_str("video", 0)
+    except (ValueError, NotImplementedError, KeyError):
+        return None
+    return text if isinstance(text, str) and text else None
 
 
 def engine_exception_types() -> tuple[type[BaseException], type[BaseException]]:
@@ -114,3 +141,99 @@ def new_tool_call_id() -> str:
     from vllm.entrypoints.chat_utils import make_tool_call_id
 
     return str(make_tool_call_id())
+
+
+def video_loader_names() -> list[str]:
+    """Backend names vLLM's video loader registry knows (for validating a setting)."""
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    return sorted(VIDEO_LOADER_REGISTRY.name2class)
+
+
+def video_loader_for(video_processor: Any) -> str:
+    """The loader ``vllm serve`` uses for this model's videos (``MediaConnector.fetch_video``).
+
+    vLLM maps the video processor's class name to a backend (``Qwen2VLVideoProcessor`` to
+    ``qwen2_vl``); a processor it does not map, or none, gets ``VLLM_VIDEO_LOADER_BACKEND``.
+    """
+    from vllm import envs
+    from vllm.multimodal.video import get_video_loader_backend_for_processor
+
+    name = None if video_processor is None else type(video_processor).__name__
+    return get_video_loader_backend_for_processor(name) or envs.VLLM_VIDEO_LOADER_BACKEND
+
+
+def max_video_frame_pixels() -> int:
+    """vLLM's cap on one frame's pixels (``VLLM_MAX_IMAGE_PIXELS``; 0 or less: none)."""
+    from vllm import envs
+
+    return int(envs.VLLM_MAX_IMAGE_PIXELS)
+
+
+def cv2_stream_api() -> int | None:
+    """The OpenCV backend vLLM's loaders read in-memory videos with (None: this build has none).
+
+    The worker probes the header with the same backend, so the header it checks is the
+    one the loader reads.
+    """
+    from vllm.multimodal.video import OpenCVVideoBackendMixin
+
+    return OpenCVVideoBackendMixin.get_cv2_video_api()
+
+
+def _loader_class(loader: str) -> Any:
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    cls = VIDEO_LOADER_REGISTRY.name2class.get(loader)
+    if cls is None:
+        raise LookupError(f"vLLM has no video loader {loader!r}; known: {video_loader_names()}")
+    return cls
+
+
+def _loader_kwargs(max_frames: int, fps: float) -> dict[str, Any]:
+    """What the worker passes to every loader: the fixed-count and fps-driven ones alike.
+
+    ``num_frames`` is read by the uniform ("opencv") sampler, ``max_frames`` by the Qwen
+    ones (which ignore ``num_frames``); both get the same cap.
+    """
+    return {"num_frames": max_frames, "fps": fps, "max_frames": max_frames}
+
+
+def video_frame_indices(
+    loader: str, *, total_frames: int, source_fps: float, max_frames: int, fps: float
+) -> list[int]:
+    """The frame indices ``load_video`` will decode, from the header's numbers alone.
+
+    The loader's own ``compute_frames_index_to_sample`` with the source metadata its
+    ``load_bytes`` would build (total / fps as the duration, as vLLM computes it), so the
+    caps count exactly the frames that will be decoded. Raises what the sampler raises
+    (``ValueError``, ``ZeroDivisionError`` for a one-frame clip in the Qwen2-VL sampler).
+    """
+    import inspect
+
+    from vllm.multimodal.video import VideoSourceMetadata, VideoTargetMetadata
+
+    cls = _loader_class(loader)
+    kwargs = _loader_kwargs(max_frames, fps)
+    duration = total_frames / source_fps if source_fps > 0 else 0
+    source = VideoSourceMetadata(
+        total_frames_num=total_frames, original_fps=source_fps, duration=duration
+    )
+    prepare = getattr(cls, "_prepare_source", None)
+    if prepare is not None:
+        source = prepare(source)
+    # ``max_duration`` is left at load_bytes's default there, so read that default here.
+    param = inspect.signature(cls.load_bytes).parameters.get("max_duration")
+    max_duration = param.default if param is not None else 300
+    target = VideoTargetMetadata(
+        num_frames=kwargs.pop("num_frames"), fps=kwargs.pop("fps"), max_duration=max_duration
+    )
+    return [int(i) for i in cls.compute_frames_index_to_sample(source, target, **kwargs)]
+
+
+def load_video(
+    loader: str, data: bytes, *, max_frames: int, fps: float
+) -> tuple[Any, dict[str, Any]]:
+    """``(frames, metadata)`` from vLLM's loader: RGB uint8 TxHxWx3 and its HF metadata."""
+    cls = _loader_class(loader)
+    return cls.load_bytes(data, **_loader_kwargs(max_frames, fps))

@@ -92,7 +92,10 @@ def build_engine_kwargs(
     worker_names = set(setting_names())
     kwargs: dict[str, Any] = {
         "model": settings.resolved_model,
-        "limit_mm_per_prompt": {"image": settings.max_images_per_job, "video": 0},
+        "limit_mm_per_prompt": {
+            "image": settings.max_images_per_job,
+            "video": settings.max_videos_per_job,
+        },
     }
     problems: list[str] = []
     explicit: set[str] = set()

@@ -200,6 +200,49 @@ class WorkerSettings:
         "cloud metadata, multicast and reserved addresses are refused either way.",
         category="Images",
     )
+    max_videos_per_job: int = _setting(
+        0,
+        "Videos one job may carry (vLLM's `limit_mm_per_prompt`); 0 turns video off. Only "
+        "for models that take video (Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Raises the engine's "
+        "start-up profiling and encoder cache to a whole video's tokens.",
+        category="Video",
+        minimum=0,
+        maximum=16,
+    )
+    max_video_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "Largest encoded video accepted, in bytes (inline or fetched).",
+        category="Video",
+        minimum=1,
+    )
+    video_fps: float | None = _setting(
+        None,
+        "Frames sampled per second of video. Unset: the model's video processor's (2 for "
+        "the Qwen families).",
+        category="Video",
+        minimum=0.01,
+        maximum=60,
+    )
+    video_max_frames: int | None = _setting(
+        None,
+        "Most frames sampled from one video. Unset: the model's video processor's.",
+        category="Video",
+        minimum=1,
+        maximum=4096,
+    )
+    max_video_seconds: float = _setting(
+        300.0,
+        "Longest video accepted, in seconds, from its container's header.",
+        category="Video",
+        minimum=0.1,
+    )
+    max_video_decoded_pixels: int = _setting(
+        256_000_000,
+        "Most pixels one video may decode to: sampled frames x width x height, checked from "
+        "the header before any frame is decoded (3 bytes each while the job runs).",
+        category="Video",
+        minimum=1,
+    )
     default_min_batch_size: int = _setting(
         1,
         "Tokens in the first streamed chunk; later chunks grow towards DEFAULT_BATCH_SIZE.",

@@ -2,9 +2,10 @@
 
     WorkerError                      (base: one JSON shape for every failure)
     ├── InvalidInput                 invalid_input      the job's JSON is malformed
-    ├── ImageError                   (image problems)
+    ├── ImageError                   (image and video problems)
     │   ├── ImageFetchError          image_fetch        the URL could not be fetched
-    │   └── ImageDecodeError         image_decode       the bytes are not a usable image
+    │   ├── ImageDecodeError         image_decode       the bytes are not a usable image
+    │   └── VideoDecodeError         video_decode       the bytes are not a usable video
     ├── PromptError                  prompt             the chat template output is unusable
     │   └── PromptTooLong            prompt_too_long    text + image tokens exceed the context
     ├── JobTimeout                   timeout            the job ran past its deadline
@@ -68,6 +69,16 @@ class ImageFetchError(ImageError):
 
 class ImageDecodeError(ImageError):
     type = "image_decode"
+
+
+class VideoDecodeError(ImageError):
+    """A video the worker cannot open or decode; its caps (size, length) are ``InvalidInput``.
+
+    Under ``ImageError`` because clients already branch on that family for media they sent;
+    its own ``type`` keeps the two media apart.
+    """
+
+    type = "video_decode"
 
 
 class PromptError(WorkerError):

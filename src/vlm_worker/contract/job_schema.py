@@ -98,7 +98,31 @@ class ImagePart(BaseModel):
         return self.image
 
 
-ContentPart = Annotated[TextPart | ImageURLPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    model_config = _STRICT
+    url: NonEmptyStr
+
+
+class VideoURLPart(BaseModel):
+    """A video, as vLLM's OpenAI server takes it: an http(s) URL or a ``data:`` URI."""
+
+    model_config = _STRICT
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _accept_bare_string(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @property
+    def source(self) -> str:
+        return self.video_url.url
+
+
+ContentPart = Annotated[
+    TextPart | ImageURLPart | ImagePart | VideoURLPart, Field(discriminator="type")
+]
 
 
 class FunctionCallIn(BaseModel):
@@ -339,6 +363,17 @@ class Job(BaseModel):
         rest = {k: v for k, v in data.items() if k not in _SAMPLING_KEYS}
         return {**rest, "sampling_params": {**nested, **flat}}
 
+    def video_sources(self) -> list[tuple[str, str]]:
+        """Each video's source with its field path, in prompt order."""
+        found = []
+        for i, message in enumerate(self.messages or ()):
+            if not isinstance(message.content, list):
+                continue
+            for j, part in enumerate(message.content):
+                if isinstance(part, VideoURLPart):
+                    found.append((f"messages[{i}].content[{j}].video_url.url", part.source))
+        return found
+
     def image_sources(self) -> list[tuple[str, str]]:
         """Each image's source with its field path, in prompt order."""
         if self.image is not None:
@@ -468,6 +503,11 @@ def check_task(job: Job) -> None:
                 "states the resized image size); set system_prompt to change its text",
                 field=f"messages[{i}].role",
             )
+    videos = job.video_sources()
+    if videos:
+        raise InvalidInput(
+            f"{videos[0][0]}: a grounding job takes one image and no video", field=videos[0][0]
+        )
     sources = job.image_sources()
     if not sources:
         raise InvalidInput(

@@ -6,12 +6,18 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from vlm_worker.adapters.vllm import encoder_cache_size, image_placeholder
+from vlm_worker.adapters.vllm import (
+    encoder_cache_size,
+    image_placeholder,
+    video_loader_for,
+    video_placeholder,
+)
 from vlm_worker.config.settings import WorkerSettings
 from vlm_worker.contract.errors import ConfigError
 from vlm_worker.engine.protocol import ModelInfo
 from vlm_worker.media.families import ImageHandling, image_handling
 from vlm_worker.media.geometry import ImageGeometry
+from vlm_worker.media.video import VideoLimits
 
 log = logging.getLogger("vlm_worker.model")
 
@@ -142,6 +148,7 @@ def build_model_info(
     log.info("image handling", extra=handling.describe())
     placeholder = image_placeholder(model_config)
     image_token = getattr(processor, "image_token", None) or placeholder
+    video = video_setup(model_config, processor, settings, architecture)
     served = engine_kwargs.get("served_model_name")
     name = (served[0] if isinstance(served, list) else served) or settings.model_label
     return ModelInfo(
@@ -157,7 +164,45 @@ def build_model_info(
         max_image_tokens=encoder_cache_size(llm),
         encoder=text_encoder(tokenizer, _probe_prompt(templater, placeholder)),
         architecture=architecture,
+        video_placeholder=video[0],
+        video_token=video[1],
+        video_limits=video[2],
     )
+
+
+def video_setup(
+    model_config: Any, processor: Any, settings: WorkerSettings, architecture: str
+) -> tuple[str | None, str | None, VideoLimits | None]:
+    """``(placeholder, token, limits)`` for a model that takes video, else Nones.
+
+    Sampling follows the model's video processor (its ``fps`` and ``max_frames``) unless
+    VIDEO_FPS / VIDEO_MAX_FRAMES say otherwise, through the loader ``vllm serve`` would
+    pick for that processor. MAX_VIDEOS_PER_JOB above 0 for a model without video is a
+    configuration error, not a surprise at the first video job.
+    """
+    placeholder = video_placeholder(model_config)
+    if placeholder is None:
+        if settings.max_videos_per_job > 0:
+            raise ConfigError(
+                f"MAX_VIDEOS_PER_JOB={settings.max_videos_per_job}, but {architecture} "
+                "takes no video: set MAX_VIDEOS_PER_JOB=0"
+            )
+        return None, None, None
+    video_processor = getattr(processor, "video_processor", None)
+    token = getattr(processor, "video_token", None) or placeholder
+    fps = settings.video_fps or float(getattr(video_processor, "fps", None) or 2.0)
+    max_frames = settings.video_max_frames or int(
+        getattr(video_processor, "max_frames", None) or 768
+    )
+    limits = VideoLimits(
+        max_bytes=settings.max_video_bytes,
+        max_frames=max_frames,
+        fps=fps,
+        max_duration_s=settings.max_video_seconds,
+        max_pixels=settings.max_video_decoded_pixels,
+        loader=video_loader_for(video_processor),
+    )
+    return placeholder, token, limits
 
 
 def served_architecture(model_config: Any) -> str:

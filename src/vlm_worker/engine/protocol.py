@@ -37,6 +37,10 @@ class EngineRequest:
     return_token_ids: bool = False
     #: A LoRA adapter to run the request on: ``(name, id, path)``, as vLLM keys adapters.
     lora: tuple[str, int, str] | None = None
+    #: Videos in prompt order, each ``(frames, metadata)`` (``PreparedVideo.item``), and
+    #: their content ids (as ``image_ids``).
+    videos: list[Any] = field(default_factory=list)
+    video_ids: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,12 @@ class ModelInfo:
     encoder: Callable[[str], list[int]] | None = None
     #: The served architecture (vLLM's model class name), for errors and logs.
     architecture: str = ""
+    #: What vLLM's model class expects per video, and the token in it that the processor
+    #: expands; None for a model that takes no video.
+    video_placeholder: str | None = None
+    video_token: str | None = None
+    #: How videos are sampled and capped (``media.video.VideoLimits``); None: no video.
+    video_limits: Any = None
 
     def text_token_ids(self, text: str) -> list[int]:
         """A rendered chat prompt's ids: the template wrote any special tokens itself."""

@@ -140,12 +140,11 @@ class VllmEngine:
         prompt: dict[str, Any] = {"prompt": request.prompt}
         if request.prompt_token_ids is not None:
             prompt["prompt_token_ids"] = request.prompt_token_ids
-        if request.images:
-            single = len(request.images) == 1
-            prompt["multi_modal_data"] = {"image": request.images[0] if single else request.images}
-            if request.image_ids:
-                ids = request.image_ids
-                prompt["multi_modal_uuids"] = {"image": ids[0] if single else ids}
+        data, uuids = _multi_modal(request)
+        if data:
+            prompt["multi_modal_data"] = data
+        if uuids:
+            prompt["multi_modal_uuids"] = uuids
         if request.mm_processor_kwargs:
             prompt["mm_processor_kwargs"] = request.mm_processor_kwargs
 
@@ -203,6 +202,25 @@ def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
     asyncio.set_event_loop(loop)
     loop.call_soon(ready.set)
     loop.run_forever()
+
+
+def _multi_modal(request: EngineRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``multi_modal_data`` and ``multi_modal_uuids``: one item as itself, several as a
+    list in prompt order (vLLM's forms); a video is ``(frames, metadata)`` as its loaders
+    return it."""
+    data: dict[str, Any] = {}
+    uuids: dict[str, Any] = {}
+    for modality, items, ids in (
+        ("image", request.images, request.image_ids),
+        ("video", request.videos, request.video_ids),
+    ):
+        if not items:
+            continue
+        single = len(items) == 1
+        data[modality] = items[0] if single else list(items)
+        if ids:
+            uuids[modality] = ids[0] if single else list(ids)
+    return data, uuids
 
 
 def _lora_request(lora: tuple[str, int, str] | None) -> Any:

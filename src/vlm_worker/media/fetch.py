@@ -41,6 +41,7 @@ from vlm_worker.media.address_policy import (
     DomainAllowList,
     literal_address,
 )
+from vlm_worker.media.video import container_of
 
 if TYPE_CHECKING:
     from vlm_worker.config.settings import WorkerSettings
@@ -80,6 +81,20 @@ class FetchLimits:
         )
 
 
+@dataclass(frozen=True)
+class MediaKind:
+    """What a fetch expects: images by default, videos for ``video_url`` parts. The same
+    address policy and deadline either way; the byte cap, media type and signature are
+    the kind's own."""
+
+    word: str  # "image" or "video", as messages say it
+    mime_prefix: str
+    sniff: Callable[[bytes], str | None]
+    signatures: str  # the formats ``sniff`` knows, for the error message
+    max_bytes: int | None = None  # None: FetchLimits.max_bytes (MAX_IMAGE_BYTES)
+    limit_name: str = "MAX_IMAGE_BYTES"
+
+
 def sniff_image(head: bytes) -> str | None:
     """The image format whose signature ``head`` starts with, or None."""
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -95,6 +110,20 @@ def sniff_image(head: bytes) -> str | None:
     if head.startswith((b"II*\x00", b"MM\x00*")):
         return "TIFF"
     return None
+
+
+IMAGE = MediaKind("image", "image/", sniff_image, "a PNG, JPEG, GIF, WebP, BMP or TIFF")
+
+
+def video_kind(max_bytes: int) -> MediaKind:
+    return MediaKind(
+        "video",
+        "video/",
+        container_of,
+        "an MP4/MOV, WebM/Matroska or AVI",
+        max_bytes,
+        "MAX_VIDEO_BYTES",
+    )
 
 
 async def system_lookup(host: str, port: int) -> list[str]:
@@ -193,7 +222,7 @@ class ImageFetcher:
             session = aiohttp.ClientSession(
                 headers={
                     "User-Agent": USER_AGENT,
-                    "Accept": "image/*",
+                    "Accept": "image/*, video/*",
                     "Accept-Encoding": "identity",
                 },
                 connector=aiohttp.TCPConnector(
@@ -209,13 +238,14 @@ class ImageFetcher:
             self._sessions[id(loop)] = session
         return session
 
-    async def fetch(self, url: str, field: str) -> bytes:
-        """The image's bytes, or ``ImageFetchError`` naming ``field`` and the reason."""
+    async def fetch(self, url: str, field: str, kind: MediaKind = IMAGE) -> bytes:
+        """The body's bytes, or ``ImageFetchError`` naming ``field`` and the reason."""
         try:
-            return await asyncio.wait_for(self._fetch(url, field), self.limits.timeout)
+            return await asyncio.wait_for(self._fetch(url, field, kind), self.limits.timeout)
         except asyncio.TimeoutError:
             raise ImageFetchError(
-                f"fetching the image took longer than IMAGE_FETCH_TIMEOUT={self.limits.timeout:g}s",
+                f"fetching the {kind.word} took longer than "
+                f"IMAGE_FETCH_TIMEOUT={self.limits.timeout:g}s",
                 field=field,
             ) from None
 
@@ -249,14 +279,14 @@ class ImageFetcher:
                 )
         return url
 
-    async def _fetch(self, raw_url: str, field: str) -> bytes:
+    async def _fetch(self, raw_url: str, field: str, kind: MediaKind) -> bytes:
         url = self.check_url(raw_url, field)
         session = self._session()
         for hop in range(self.limits.max_redirects + 1):
             try:
                 async with session.get(url, allow_redirects=False) as resp:
                     if resp.status not in REDIRECT_STATUSES:
-                        return await self._read(resp, field)
+                        return await self._read(resp, field, kind)
                     location = resp.headers.get("Location")
             except aiohttp.ClientError as exc:
                 raise ImageFetchError(_describe(exc, hop), field=field) from None
@@ -278,45 +308,46 @@ class ImageFetcher:
             f"the image URL redirected more than {self.limits.max_redirects} times", field=field
         )
 
-    async def _read(self, resp: aiohttp.ClientResponse, field: str) -> bytes:
-        """The body of a final answer, checked to be an image of at most max_bytes."""
-        cap = self.limits.max_bytes
+    async def _read(self, resp: aiohttp.ClientResponse, field: str, kind: MediaKind) -> bytes:
+        """The body of a final answer, checked to be of ``kind``, within its byte cap."""
+        cap = kind.max_bytes if kind.max_bytes is not None else self.limits.max_bytes
+        word, limit = kind.word, kind.limit_name
         if resp.status != 200:
             reason = f" {resp.reason}" if resp.reason else ""
-            raise ImageFetchError(f"the image URL answered HTTP {resp.status}{reason}", field=field)
+            raise ImageFetchError(
+                f"the {word} URL answered HTTP {resp.status}{reason}", field=field
+            )
         encoding = resp.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in ("", "identity"):
             raise ImageFetchError(
-                f"the image URL answered with Content-Encoding {encoding!r}; only "
+                f"the {word} URL answered with Content-Encoding {encoding!r}; only "
                 f"uncompressed bodies are accepted",
                 field=field,
             )
         mime = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        if mime and not (mime.startswith("image/") or mime in OCTET_STREAM_TYPES):
+        if mime and not (mime.startswith(kind.mime_prefix) or mime in OCTET_STREAM_TYPES):
             raise ImageFetchError(
-                f"not an image: {mime} (expected image/* or application/octet-stream)",
+                f"not an {word}: {mime} (expected {kind.mime_prefix}* or application/octet-stream)",
                 field=field,
             )
         if resp.content_length is not None and resp.content_length > cap:
             raise ImageFetchError(
-                f"the image is {resp.content_length} bytes, above MAX_IMAGE_BYTES={cap}",
+                f"the {word} is {resp.content_length} bytes, above {limit}={cap}",
                 field=field,
             )
         body = bytearray()
         sniffed = False
         async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
             if len(body) + len(chunk) > cap:
-                raise ImageFetchError(
-                    f"the image is larger than MAX_IMAGE_BYTES={cap}", field=field
-                )
+                raise ImageFetchError(f"the {word} is larger than {limit}={cap}", field=field)
             body += chunk
             if not sniffed and len(body) >= SNIFF_BYTES:
-                _check_signature(bytes(body[:SNIFF_BYTES]), field)
+                _check_signature(bytes(body[:SNIFF_BYTES]), field, kind)
                 sniffed = True
         if not body:
-            raise ImageFetchError("the image URL answered an empty body", field=field)
+            raise ImageFetchError(f"the {word} URL answered an empty body", field=field)
         if not sniffed:
-            _check_signature(bytes(body), field)
+            _check_signature(bytes(body), field, kind)
         return bytes(body)
 
     async def close(self) -> None:
@@ -325,13 +356,12 @@ class ImageFetcher:
         self._sessions.clear()
 
 
-def _check_signature(head: bytes, field: str) -> None:
-    if sniff_image(head) is not None:
+def _check_signature(head: bytes, field: str, kind: MediaKind = IMAGE) -> None:
+    if kind.sniff(head) is not None:
         return
     looks = " (it looks like HTML or XML)" if head.lstrip()[:1] == b"<" else ""
     raise ImageFetchError(
-        f"not an image: the body does not start with a PNG, JPEG, GIF, WebP, BMP or TIFF "
-        f"signature{looks}",
+        f"not an {kind.word}: the body does not start with {kind.signatures} signature{looks}",
         field=field,
     )
 

@@ -96,47 +96,57 @@ def is_url(source: str) -> bool:
     return source[:8].lower().startswith(("http://", "https://"))
 
 
-def decode_inline(source: str, field: str, max_bytes: int) -> bytes:
+def decode_inline(
+    source: str,
+    field: str,
+    max_bytes: int,
+    *,
+    media: str = "image",
+    limit_name: str = "MAX_IMAGE_BYTES",
+) -> bytes:
     """Bytes from a ``data:`` URI or raw base64; other schemes are refused by name.
 
     Only C code that releases the GIL touches the payload (it can be tens of MB): a
     Python regex over it, or a mere copy of it, would hold the GIL for its whole length
-    and stall every other job's stream.
+    and stall every other job's stream. ``media`` is the MIME major type a data URI must
+    carry and the word the errors use, so video shares this path (``media.video``);
+    ``limit_name`` is the setting the size error tells the client about.
     """
     text = source.strip()  # the same object, uncopied, when there is nothing to strip
     head = text[:256]
     match = _DATA_URI.match(head)
     if match:
         mime = (match.group("mime") or "").lower()
-        if mime and not mime.startswith("image/"):
-            raise InvalidInput(f"data URI has media type {mime!r}; expected image/*", field=field)
+        if mime and not mime.startswith(f"{media}/"):
+            raise InvalidInput(f"data URI has media type {mime!r}; expected {media}/*", field=field)
         start = match.end()
     elif head[:5].lower() == "data:":
         raise InvalidInput(
-            "data URI must be base64-encoded (data:image/...;base64,...)", field=field
+            f"data URI must be base64-encoded (data:{media}/...;base64,...)", field=field
         )
     elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", head):
         scheme = head.split("://", 1)[0].lower()
         raise InvalidInput(
-            f"image URL scheme {scheme!r} is not supported; use http(s)://, a data: URI "
+            f"{media} URL scheme {scheme!r} is not supported; use http(s)://, a data: URI "
             f"or raw base64",
             field=field,
         )
     else:
         start = 0
+    too_large = f"{media} is larger than {limit_name}={max_bytes} bytes"
     # base64 inflates by 4/3: refuse oversized payloads before decoding them (line breaks
     # in wrapped base64 do not count).
     limit = (max_bytes * 4) // 3 + 4
     if len(text) - start > limit and len("".join(text[start:].split())) > limit:
-        raise InvalidInput(f"image is larger than MAX_IMAGE_BYTES={max_bytes} bytes", field=field)
+        raise InvalidInput(too_large, field=field)
     try:
         data = _b64decode_strict(text, start)  # what nearly every client sends
     except (binascii.Error, ValueError):
-        data = _decode_lenient(text[start:], field)
+        data = _decode_lenient(text[start:], field, media)
     if not data:
-        raise InvalidInput("image is empty", field=field)
+        raise InvalidInput(f"{media} is empty", field=field)
     if len(data) > max_bytes:
-        raise InvalidInput(f"image is larger than MAX_IMAGE_BYTES={max_bytes} bytes", field=field)
+        raise InvalidInput(too_large, field=field)
     return data
 
 
@@ -157,7 +167,7 @@ def _b64decode_strict(text: str, start: int) -> bytes:
         return pybase64.b64decode(view[start:], validate=True)
 
 
-def _decode_lenient(payload: str, field: str) -> bytes:
+def _decode_lenient(payload: str, field: str, media: str) -> bytes:
     """Wrapped lines, missing padding and the URL-safe alphabet, still strictly validated."""
     compact = "".join(payload.split())
     if "-" in compact or "_" in compact:
@@ -167,8 +177,8 @@ def _decode_lenient(payload: str, field: str) -> bytes:
         return pybase64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput(
-            "image base64 is invalid (the image is neither an http(s) URL, a data: URI nor "
-            "valid base64)",
+            f"{media} base64 is invalid (the {media} is neither an http(s) URL, a data: URI "
+            f"nor valid base64)",
             field=field,
         ) from None
 

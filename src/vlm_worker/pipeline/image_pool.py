@@ -35,15 +35,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlm_worker.adapters.cpython import pool_pids
 from vlm_worker.adapters.transformers import warm_imports
-from vlm_worker.contract.errors import ImageDecodeError
+from vlm_worker.contract.errors import ImageDecodeError, VideoDecodeError
 from vlm_worker.media.geometry import ImageGeometry
 from vlm_worker.media.images import ImageLimits, PreparedImage, prepare_source
 from vlm_worker.pipeline import pixel_files
 from vlm_worker.pipeline.hooks import NO_HOOKS, PipelineHooks, PrepareFn
+
+if TYPE_CHECKING:  # imported where used: numpy would start its threads before ``nice``
+    from vlm_worker.media.video import PreparedVideo, VideoLimits
 
 log = logging.getLogger("vlm_worker.pipeline.image_pool")
 
@@ -294,7 +297,21 @@ class ImagePool:
             if sent is not None:
                 sent.discard()
 
-    async def _in_pool(self, work: Callable[[], PreparedImage], field: str) -> PreparedImage:
+    async def prepare_video(
+        self, source: str | bytes, *, field: str, limits: VideoLimits, alone: bool = False
+    ) -> PreparedVideo:
+        """A video sampled and decoded as ``prepare_image`` is: in a process, or a thread
+        when alone. Its frames come back pickled: a video's sampled frames are what vLLM
+        gets, with no resize of ours to spare them."""
+        from vlm_worker.media.video import prepare_video
+
+        loop = asyncio.get_running_loop()
+        work = functools.partial(prepare_video, source, field=field, limits=limits)
+        if self._pool is None or (alone and self.threads_when_alone):
+            return await loop.run_in_executor(self.threads, work)
+        return await self._in_pool(work, field, "video")
+
+    async def _in_pool(self, work: Callable[[], Any], field: str, what: str = "image") -> Any:
         loop = asyncio.get_running_loop()
         pool = self._pool
         assert pool is not None
@@ -304,13 +321,14 @@ class ImagePool:
             self._replace(pool)
         # Every job in a broken pool fails, not only the one whose image killed it; each
         # is retried alone, so only the culprit kills its process again.
-        log.warning("image worker process died; retrying the image alone", extra={"field": field})
+        log.warning(f"image worker process died; retrying the {what} alone", extra={"field": field})
         solo = self._new_pool(1)
         try:
             return await loop.run_in_executor(solo, work)
         except BrokenProcessPool:
-            raise ImageDecodeError(
-                "the image could not be decoded: it crashed the image worker process",
+            error = VideoDecodeError if what == "video" else ImageDecodeError
+            raise error(
+                f"the {what} could not be decoded: it crashed the image worker process",
                 field=field,
             ) from None
         finally:

@@ -28,9 +28,10 @@ from vlm_worker.contract.errors import (
 from vlm_worker.contract.job_schema import Job, parse_job
 from vlm_worker.engine.deltas import FINAL_ONLY, BatchPolicy, Delta
 from vlm_worker.engine.protocol import Engine, EngineRequest
-from vlm_worker.media.fetch import FetchLimits, ImageFetcher
+from vlm_worker.media.fetch import FetchLimits, ImageFetcher, video_kind
 from vlm_worker.media.geometry import ImageGeometry
 from vlm_worker.media.images import ImageLimits, PreparedImage, is_url
+from vlm_worker.media.video import PreparedVideo
 from vlm_worker.pipeline.hooks import NO_HOOKS, PipelineHooks
 from vlm_worker.pipeline.image_pool import ImagePool
 from vlm_worker.prompt import grounding
@@ -97,6 +98,8 @@ class Prepared:
     prompt_token_ids: list[int] | None = None
     #: The LoRA adapter the job's ``model`` names, or None for the base model.
     adapter: LoraAdapter | None = None
+    #: The job's videos, sampled and decoded, in prompt order.
+    videos: list[PreparedVideo] = field(default_factory=list)
 
 
 @dataclass
@@ -230,17 +233,24 @@ class JobRunner:
         # told the same ones, so the size its prompt states is the size the model sees.
         bounds = self._grounding_bounds() if job.task == "grounding" else None
         geometry = bounds.geometry if bounds else self._job_geometry(job)
+        video_sources = self._check_videos(job)
         image_work = [self._image(f, s, geometry) for f, s in sources]
+        videos: list[PreparedVideo] = []
         if job.task == "grounding":  # its prompt states the resized size: images first
             images = list(await asyncio.gather(*image_work))
             text, ids = await loop.run_in_executor(self.executor, self._render, job, images)
         else:  # the template does not need the pixels: render while they are decoded
+            video_work = [self._video(f, s) for f, s in video_sources]
             rendering = loop.run_in_executor(self.executor, self._render, job, [])
-            results = await asyncio.gather(*image_work, rendering, return_exceptions=True)
+            results = await asyncio.gather(
+                *image_work, *video_work, rendering, return_exceptions=True
+            )
             for result in results:  # an image's error first, as when they ran in turn
                 if isinstance(result, BaseException):
                     raise result
-            *images, (text, ids) = results
+            text, ids = results[-1]
+            images = list(results[: len(sources)])
+            videos = list(results[len(sources) : -1])
         tokens = self._prompt_tokens(len(ids), images)
         sampling, warnings = self._sampling(job, tokens)
         mm_kwargs = bounds.processor_kwargs() if bounds else None
@@ -249,8 +259,34 @@ class JobRunner:
         ids_for_engine = None if job.raw_prompt else ids
         adapter = self._adapter(job)  # an unknown model fails here, before the engine
         return Prepared(
-            job, text, images, tokens, sampling, warnings, mm_kwargs, ids_for_engine, adapter
+            job,
+            text,
+            images,
+            tokens,
+            sampling,
+            warnings,
+            mm_kwargs,
+            ids_for_engine,
+            adapter,
+            videos,
         )
+
+    def _check_videos(self, job: Job) -> list[tuple[str, str]]:
+        """The job's video sources, if this worker takes that many videos."""
+        sources = job.video_sources()
+        if not sources:
+            return sources
+        info = self.engine.info
+        limit = self.settings.max_videos_per_job
+        if info.video_limits is None:
+            raise InvalidInput(
+                f"{info.architecture} takes no video; send images instead",
+                field=sources[0][0],
+            )
+        if len(sources) > limit:
+            reason = "video is off" if limit == 0 else f"the job has {len(sources)} videos"
+            raise InvalidInput(f"{reason}: MAX_VIDEOS_PER_JOB is {limit}", field=sources[limit][0])
+        return sources
 
     def base_names(self) -> tuple[str, ...]:
         """The names the base model answers to (MODEL_NAME, the served name)."""
@@ -337,6 +373,17 @@ class JobRunner:
         self.hooks.image_prepared(started, time.perf_counter(), image, alone)
         return image
 
+    async def _video(self, field: str, source: str) -> PreparedVideo:
+        limits = self.engine.info.video_limits
+        source = source.strip()
+        if is_url(source):
+            kind = video_kind(limits.max_bytes)
+            fetched: str | bytes = await self.fetcher.fetch(source, field, kind)
+        else:
+            fetched = source
+        alone = self.in_flight <= 1 and self.preparing <= 1
+        return await self.images.prepare_video(fetched, field=field, limits=limits, alone=alone)
+
     def _render(self, job: Job, images: list[PreparedImage]) -> tuple[str, list[int]]:
         """The prompt text and its token ids, one per image placeholder.
 
@@ -353,7 +400,14 @@ class JobRunner:
                 info.templater, messages, self._chat_template, job.chat_template_kwargs, job.tools
             )
             n_images = len(job.image_sources())
-            text = normalize_placeholders(text, n_images, info.placeholder, info.image_token)
+            text = normalize_placeholders(
+                text,
+                n_images,
+                info.placeholder,
+                info.image_token,
+                len(job.video_sources()),
+                info.video_token,
+            )
         ids = info.text_token_ids(text)
         self.hooks.prompt_rendered(time.perf_counter() - started)
         return text, ids
@@ -429,6 +483,8 @@ class JobRunner:
             batch=self._batch_policy(prepared.job),
             return_token_ids=prepared.job.return_token_ids,
             lora=_lora(prepared.adapter),
+            videos=[video.vllm_item for video in prepared.videos],
+            video_ids=[video.content_id for video in prepared.videos] or None,
         )
         total = Delta()  # the whole job: tokens of every choice, the prompt's logprobs
         choices: dict[int, Delta] = {}  # each choice's own, when n > 1
@@ -500,6 +556,8 @@ class JobRunner:
             "images": [img.describe() for img in prepared.images],
             "model": self.engine.info.name,
         }
+        if prepared.videos:
+            chunk["videos"] = [video.describe() for video in prepared.videos]
         if prepared.job.task == "grounding":
             image = prepared.images[0]
             chunk["grounding"] = grounding.grounding_result(

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from vlm_worker.contract.errors import PromptError, PromptTooLong
-from vlm_worker.contract.job_schema import ImagePart, ImageURLPart, Message, TextPart, ToolCallIn
+from vlm_worker.contract.job_schema import (
+    ImagePart,
+    ImageURLPart,
+    Message,
+    TextPart,
+    ToolCallIn,
+    VideoURLPart,
+)
 
 #: OpenCUA / GTA1-family templates wrap each image in these markers instead of the
 #: placeholder the vLLM model class expects.
@@ -40,6 +47,8 @@ def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
                     parts.append({"type": "text", "text": part.text})
                 elif isinstance(part, (ImageURLPart, ImagePart)):
                     parts.append({"type": "image"})
+                elif isinstance(part, VideoURLPart):
+                    parts.append({"type": "video"})
             entry["content"] = parts
         if message.tool_calls is not None:
             entry["tool_calls"] = [_tool_call(call) for call in message.tool_calls]
@@ -102,7 +111,14 @@ def render(
     return text
 
 
-def normalize_placeholders(text: str, n_images: int, placeholder: str, image_token: str) -> str:
+def normalize_placeholders(
+    text: str,
+    n_images: int,
+    placeholder: str,
+    image_token: str,
+    n_videos: int = 0,
+    video_token: str | None = None,
+) -> str:
     """Rewrite media-marker spans to the model's placeholder, then insist on one per image.
 
     A template that drops an image part, or a text part that smuggles in the image token,
@@ -114,6 +130,12 @@ def normalize_placeholders(text: str, n_images: int, placeholder: str, image_tok
         raise PromptError(
             f"the rendered prompt holds {found} image placeholder(s) ({image_token}) for "
             f"{n_images} image(s); the chat template or a text part does not match the images",
+            field="messages",
+        )
+    if video_token is not None and (found := text.count(video_token)) != n_videos:
+        raise PromptError(
+            f"the rendered prompt holds {found} video placeholder(s) ({video_token}) for "
+            f"{n_videos} video(s); the chat template or a text part does not match the videos",
             field="messages",
         )
     return text
