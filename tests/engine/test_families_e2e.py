@@ -229,5 +229,5 @@ def test_llava_cannot_be_served_by_this_vllm():
     from vlm_worker.serving.worker import start_worker
 
     path = build("llava", MODELS / "tiny-llava")
-    with pytest.raises(Exception, match="PixtralRotaryEmbedding|failed to be inspected"):
+    with pytest.raises(Exception, match=r"PixtralRotaryEmbedding|failed to be inspected"):
         start_worker({**os.environ, "MODEL_NAME": str(path), "WARMUP": "false"})
