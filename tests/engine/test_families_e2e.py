@@ -175,9 +175,7 @@ async def test_video_job(family):
     assert "error" not in final, final
     (video,) = final["videos"]
     limits = worker.engine.info.video_limits
-    frames, metadata = load_video(
-        limits.loader, data, max_frames=limits.max_frames, fps=limits.fps
-    )
+    frames, metadata = load_video(limits.loader, data, max_frames=limits.max_frames, fps=limits.fps)
     assert video["frames"] == len(frames) and video["original_size"] == [128, 96]
     if limits.loader == "qwen2_vl":  # 2 s at 2 fps, and at least 4 frames: 4
         assert len(frames) == 4

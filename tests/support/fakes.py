@@ -60,8 +60,10 @@ def scripted_info(
     max_model_len: int = 4096,
     geometry: ImageGeometry | None = None,
     pre_resize: bool = True,
+    video: Any = None,
 ) -> ModelInfo:
-    """``pre_resize=False``: as if the model were a family whose processor resizes."""
+    """``pre_resize=False``: as if the model were a family whose processor resizes;
+    ``video``: the ``VideoLimits`` of a model that takes video (Qwen2.5-VL's tokens)."""
     if pre_resize:
         geometry = geometry or ImageGeometry()  # the tiny model's processor: 3136 .. 1003520 px
     return ModelInfo(
@@ -74,6 +76,9 @@ def scripted_info(
         tokenizer=processor.tokenizer,
         placeholder="<|vision_start|><|image_pad|><|vision_end|>",
         image_token="<|image_pad|>",
+        video_placeholder=None if video is None else "<|vision_start|><|video_pad|><|vision_end|>",
+        video_token=None if video is None else "<|video_pad|>",
+        video_limits=video,
     )
 
 

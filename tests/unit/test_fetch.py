@@ -28,6 +28,7 @@ from yarl import URL
 
 from support.fakes import tok
 from support.jobs import encode, image_job, screenshot
+from support.video import clip
 from vlm_worker.config.settings import load_worker_settings
 from vlm_worker.contract.errors import ConfigError, ImageFetchError
 from vlm_worker.media.address_policy import (
@@ -37,10 +38,11 @@ from vlm_worker.media.address_policy import (
     DomainAllowList,
     classify,
 )
-from vlm_worker.media.fetch import FetchLimits, ImageFetcher, sniff_image
+from vlm_worker.media.fetch import FetchLimits, ImageFetcher, sniff_image, video_kind
 
 PNG = encode(screenshot(40, 30))
 FIELD = "messages[0].content[0].image_url.url"
+CLIP = clip(n=8)
 PUBLIC_IP = "127.0.0.2"  # trusted by `make_fetcher(trusted=True)`: the "public" server
 
 
@@ -129,7 +131,11 @@ def make_app(seen: Seen) -> web.Application:
         await asyncio.sleep(30)
         return web.Response(body=PNG, content_type="image/png")
 
+    async def video(request: web.Request) -> web.Response:
+        return web.Response(body=CLIP, content_type="video/mp4")
+
     app = web.Application(middlewares=[record])
+    app.router.add_get("/clip.mp4", video)
     app.router.add_get("/img.png", image)
     app.router.add_get("/to", redirect)
     app.router.add_get("/loop", loop)
@@ -767,3 +773,18 @@ def test_allowed_domains_use_idna_2008_as_urls_do():
     allow = DomainAllowList.parse(["faß.de"])
     assert allow.domains == ("xn--fa-hia.de",)
     assert allow.allows("xn--fa-hia.de") and not allow.allows("fass.de")
+
+
+# ------------------------------------------------------------------- videos
+async def test_a_video_is_fetched_under_the_same_policy_with_its_own_cap(srv, make_fetcher):
+    fetcher = make_fetcher()
+    kind = video_kind(1 << 20)
+    assert await fetcher.fetch(srv.public("/clip.mp4"), FIELD, kind) == CLIP
+    with pytest.raises(ImageFetchError, match="loopback"):  # the same address policy
+        await fetcher.fetch(srv.local("/clip.mp4"), FIELD, kind)
+    with pytest.raises(ImageFetchError, match="MAX_VIDEO_BYTES=100"):
+        await fetcher.fetch(srv.public("/clip.mp4"), FIELD, video_kind(100))
+    with pytest.raises(ImageFetchError, match="not a video: image/png"):
+        await fetcher.fetch(srv.public("/img.png"), FIELD, kind)
+    with pytest.raises(ImageFetchError, match="looks like HTML"):
+        await fetcher.fetch(srv.public("/body?text=<html>x</html>&type=video/mp4"), FIELD, kind)

@@ -94,6 +94,10 @@ class MediaKind:
     max_bytes: int | None = None  # None: FetchLimits.max_bytes (MAX_IMAGE_BYTES)
     limit_name: str = "MAX_IMAGE_BYTES"
 
+    @property
+    def article(self) -> str:
+        return "an" if self.word[0] in "aeiou" else "a"
+
 
 def sniff_image(head: bytes) -> str | None:
     """The image format whose signature ``head`` starts with, or None."""
@@ -327,7 +331,7 @@ class ImageFetcher:
         mime = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         if mime and not (mime.startswith(kind.mime_prefix) or mime in OCTET_STREAM_TYPES):
             raise ImageFetchError(
-                f"not an {word}: {mime} (expected {kind.mime_prefix}* or application/octet-stream)",
+                f"not {kind.article} {word}: {mime} (expected {kind.mime_prefix}* or application/octet-stream)",
                 field=field,
             )
         if resp.content_length is not None and resp.content_length > cap:
@@ -361,7 +365,7 @@ def _check_signature(head: bytes, field: str, kind: MediaKind = IMAGE) -> None:
         return
     looks = " (it looks like HTML or XML)" if head.lstrip()[:1] == b"<" else ""
     raise ImageFetchError(
-        f"not an {kind.word}: the body does not start with {kind.signatures} signature{looks}",
+        f"not {kind.article} {kind.word}: the body does not start with {kind.signatures} signature{looks}",
         field=field,
     )
 
