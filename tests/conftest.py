@@ -62,6 +62,7 @@ def worker(tiny_model: str, engine_handle: EngineHandle) -> Iterator[Any]:
     # tool calling as `vllm serve --enable-auto-tool-choice --tool-call-parser hermes`
     env["TOOL_CALL_PARSER"] = "hermes"
     env["ENABLE_AUTO_TOOL_CHOICE"] = "true"
+    env["GROUNDING_STYLE"] = "gta1"  # the convention test_grounding_e2e checks
     w = start_worker(env, hooks=engine_handle)
     try:
         yield w

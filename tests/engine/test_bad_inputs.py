@@ -157,16 +157,16 @@ CASES: list[tuple[str, object, str]] = [
     ("image-part-file", img_job("file:///etc/hosts", key="image"), II),
     ("too-large", img_job(b64(b"\x89PNG" + b"\0" * 300_000)), II),
     (
-        "two-images",
-        job(msg([{"type": "image", "image": OK_URI}, {"type": "image", "image": OK_URI}])),
+        "five-images",  # MAX_IMAGES_PER_JOB is 4
+        job(msg([{"type": "image", "image": OK_URI}] * 5)),
         II,
     ),
     (
         "images-across-messages",
         job(
-            msg([{"type": "image", "image": OK_URI}]),
+            msg([{"type": "image", "image": OK_URI}] * 2),
             msg("ok", role="assistant"),
-            msg([{"type": "image", "image": OK_URI}]),
+            msg([{"type": "image", "image": OK_URI}] * 3),
         ),
         II,
     ),

@@ -11,6 +11,7 @@ equal counts mean the worker's prompt and images reached vLLM as the model expec
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from tools.tiny_models import ARCHITECTURES, FAMILIES, VIDEO_FAMILIES, build
 from support.jobs import collect, data_uri
 from support.video import clip
 from vlm_worker.config.settings import TINY_MODEL_DIR
+from vlm_worker.pipeline.hooks import PipelineHooks
 
 pytestmark = pytest.mark.engine
 
@@ -34,6 +36,19 @@ SERVED = tuple(f for f in FAMILIES if f != "llava")
 PRE_RESIZED = {"qwen2-vl", "qwen3-vl"}
 #: Video families whose tiny model takes a video job here.
 VIDEO = tuple(f for f in VIDEO_FAMILIES if f in SERVED)
+
+
+class Bare(PipelineHooks):
+    """The worker's ``AsyncLLM`` and its loop, to ask vLLM itself (``engine_started``)."""
+
+    llm: Any = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def engine_started(self, llm: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.llm, self.loop = llm, loop
+
+
+BARE: dict[str, Bare] = {}
 
 
 @pytest.fixture(scope="module", params=SERVED)
@@ -49,7 +64,8 @@ def family(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any]]:
         "MAX_VIDEOS_PER_JOB": "1" if name in VIDEO else "0",
         "PREPROCESS_PROCESSES": "0",
     }
-    worker = start_worker(env)  # its warm-up job runs an image through this family too
+    BARE[name] = Bare()
+    worker = start_worker(env, hooks=BARE[name])  # its warm-up runs an image through it too
     try:
         yield name, worker
     finally:
@@ -125,6 +141,32 @@ async def test_whole_answer_with_two_images_in_order(family):
     assert [i["original_size"] for i in final["images"]] == [[640, 480], [300, 900]]
     expected = reference_prompt_tokens(worker, 2, text, images=IMAGES)
     assert final["usage"]["prompt_tokens"] == expected
+    # and vLLM's own processor, given the chat text and the original images, as vllm serve
+    assert final["usage"]["prompt_tokens"] == await vllm_prompt_tokens(name, worker, text)
+
+
+async def vllm_prompt_tokens(name: str, worker: Any, text: str) -> int:
+    from vllm import SamplingParams
+
+    bare = BARE[name]
+    rendered = worker.engine.info.templater.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": text}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+
+    async def ask() -> int:
+        final = None
+        async for out in bare.llm.generate(
+            {"prompt": rendered, "multi_modal_data": {"image": IMAGES}},
+            SamplingParams(max_tokens=1),
+            f"{name}-bare",
+            tokenization_kwargs={"add_special_tokens": False},  # the template wrote them
+        ):
+            final = out
+        return len(final.prompt_token_ids)
+
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(ask(), bare.loop))
 
 
 async def test_openai_route_request(family):
@@ -229,3 +271,42 @@ def test_llava_cannot_be_served_by_this_vllm():
     path = build("llava", MODELS / "tiny-llava")
     with pytest.raises(Exception, match=r"PixtralRotaryEmbedding|failed to be inspected"):
         start_worker({**os.environ, "MODEL_NAME": str(path), "WARMUP": "false"})
+
+
+GROUNDING_STYLE = {"qwen2-vl": "gta1", "qwen3-vl": "qwen3-vl"}
+
+
+async def test_grounding_in_the_familys_convention(family):
+    """Several targets, constrained, in the style the worker chose for the family."""
+    name, worker = family
+    if name not in PRE_RESIZED:
+        pytest.skip(f"{name}: grounding needs a Qwen-family resize")
+    style = worker.runner.grounding_style
+    assert style.name == GROUNDING_STYLE[name]
+    job = {
+        "task": "grounding",
+        "instructions": ["the title bar", "the OK button"],
+        "image": data_uri(IMAGES[0]),
+        "constrain": True,
+        "max_tokens": 32,
+    }
+    (final,) = await collect(worker, job, f"{name}-ground")
+    assert "error" not in final, final
+    for g, instruction in zip(final["groundings"], job["instructions"], strict=True):
+        assert g["instruction"] == instruction and g["style"] == style.name
+        assert g["point"] is not None, g["raw_text"]  # constrained: always a point
+        x, y = g["point"]
+        assert 0 <= x <= 639 and 0 <= y <= 479
+    body = {
+        "model": worker.runner.settings.openai_model_id,
+        "messages": messages(IMAGES[:1], "the OK button"),
+        "max_tokens": 32,
+        "grounding": {"constrain": True},
+    }
+    (out,) = await collect(
+        worker, {"openai_route": "/v1/chat/completions", "openai_input": body}, f"{name}-og"
+    )
+    completion = ChatCompletion.model_validate(out)
+    g = completion.model_extra["grounding"]
+    assert g["space"] == style.space and g["point"] is not None
+    assert g["raw_text"] == completion.choices[0].message.content

@@ -7,17 +7,26 @@ worker's grounding-resized image (text tokens - 1 placeholder + (H/28)(W/28) ima
 
 from __future__ import annotations
 
+import re
+
+import openai
 import pytest
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from support.jobs import collect, data_uri, image_job, screenshot
+from support.openai_shim import OpenAIShim
 
 pytestmark = pytest.mark.engine
 
 GROUNDING_FIELDS = {
     "point",
+    "box",
     "point_resized",
     "clamped",
+    "model_point",
+    "model_box",
+    "space",
+    "style",
     "original_size",
     "resized_size",
     "raw_text",
@@ -168,3 +177,87 @@ async def test_jobs_that_cannot_be_grounded(worker, job_input, field):
     err = chunk["error"]
     assert (err["type"], err.get("field")) == ("invalid_input", field), err
     assert err["message"].startswith(field)
+
+
+# ------------------------------------------- several targets, constraints, OpenAI route
+async def test_several_targets_in_one_job(worker):
+    instructions = ["the blue bar at the top", "the second green box", "the red square"]
+    job = {
+        "task": "grounding",
+        "instructions": instructions,
+        "image": data_uri(screenshot(640, 400)),
+        "max_tokens": 12,
+    }
+    (final,) = await collect(worker, job)
+    assert "error" not in final, final
+    assert [g["instruction"] for g in final["groundings"]] == instructions
+    for g in final["groundings"]:
+        check_grounding(g, g["raw_text"])
+        assert g["resized_size"] == [644, 392] and g["style"] == "gta1"
+    assert len(final["images"]) == 1
+    singles = [
+        (
+            await expected_prompt_tokens(
+                worker, grounding_job(data_uri(screenshot(640, 400)), instruction=i)
+            )
+        )[0]
+        for i in instructions
+    ]
+    assert final["usage"]["prompt_tokens"] == sum(singles)
+
+
+async def test_constrained_answers_always_hold_a_point(worker):
+    """Random weights: unconstrained answers rarely hold a point; constrained ones always."""
+    image = data_uri(screenshot(320, 200))
+    jobs = [
+        grounding_job(image, constrain=True, max_tokens=24, stream=False, temperature=1.0)
+        for _ in range(8)
+    ]
+    finals = [f for job in jobs for f in await collect(worker, job)]
+    assert all(f["grounding"]["point"] is not None for f in finals), [f["text"] for f in finals]
+    assert all(re.fullmatch(r"\(\d{1,5},\d{1,5}\)", f["text"]) for f in finals)
+
+
+def test_grounding_through_the_openai_client(worker):
+    with OpenAIShim(worker.handler) as shim:
+        client = openai.OpenAI(base_url=shim.base_url, api_key="unused", max_retries=0)
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_uri(screenshot(640, 400))}},
+                    {"type": "text", "text": "the second green box"},
+                ],
+            }
+        ]
+        model = worker.runner.settings.openai_model_id
+        res = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=24,
+            extra_body={"grounding": {"constrain": True}},
+        )
+        g = res.model_extra["grounding"]
+        assert g["point"] is not None and g["raw_text"] == res.choices[0].message.content
+        assert g["original_size"] == [640, 400] and g["style"] == "gta1"
+        stream = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=24,
+            stream=True,
+            extra_body={"grounding": {"constrain": True}},
+        )
+        parts = list(stream)
+        ends = [p for p in parts if p.choices and p.choices[0].finish_reason]
+        (end,) = ends
+        assert end.model_extra["grounding"]["point"] is not None
+        text = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+        assert end.model_extra["grounding"]["raw_text"] == text
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(
+                model=model,
+                messages=messages,
+                max_tokens=4,
+                extra_body={"grounding": {"constrain": "yes"}},
+            )
+        assert "grounding" in str(bad.value)

@@ -61,6 +61,7 @@ def scripted_info(
     geometry: ImageGeometry | None = None,
     pre_resize: bool = True,
     video: Any = None,
+    architecture: str | None = None,
 ) -> ModelInfo:
     """``pre_resize=False``: as if the model were a family whose processor resizes;
     ``video``: the ``VideoLimits`` of a model that takes video (Qwen2.5-VL's tokens)."""
@@ -70,7 +71,8 @@ def scripted_info(
         name="scripted",
         max_model_len=max_model_len,
         geometry=geometry if pre_resize else None,
-        architecture="Qwen2_5_VLForConditionalGeneration" if pre_resize else "OtherVLM",
+        architecture=architecture
+        or ("Qwen2_5_VLForConditionalGeneration" if pre_resize else "OtherVLM"),
         image_processor=processor.image_processor,
         templater=processor,
         tokenizer=processor.tokenizer,

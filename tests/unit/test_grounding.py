@@ -24,18 +24,20 @@ from vlm_worker.engine.protocol import ModelInfo
 from vlm_worker.media.geometry import ImageGeometry
 from vlm_worker.pipeline.runner import JobRunner
 from vlm_worker.prompt.grounding import (
-    GTA1_MAX_PIXELS,
-    GTA1_MIN_PIXELS,
-    GTA1_SYSTEM_PROMPT,
     grounding_bounds,
     grounding_result,
-    parse_point,
-    system_prompt,
     to_original,
     to_resized,
 )
+from vlm_worker.prompt.grounding_answers import parse_point
+from vlm_worker.prompt.grounding_styles import GTA1_SYSTEM, STYLES
 
+GTA1_MIN_PIXELS, GTA1_MAX_PIXELS = 3136, 4096 * 2160
 GTA1 = grounding_bounds(ImageGeometry(), GTA1_MIN_PIXELS, GTA1_MAX_PIXELS).geometry
+
+
+def system_prompt(size, template=None):
+    return STYLES["gta1"].system_text(size, template)
 
 
 # ---------------------------------------------------------------------------- prompt
@@ -45,9 +47,9 @@ def test_default_system_prompt_states_resized_height_and_width():
         "You are an expert UI element locator. Given a GUI image and a user's element "
         "description, provide the coordinates of the specified element as a single (x,y) "
         "point. The image resolution is height 1092 and width 1932. For elements with area, "
-        "return the center point. Output the coordinate pair exactly: (x,y)"
+        "return the center point.\n\nOutput the coordinate pair exactly:\n(x,y)"
     )
-    assert "{" not in text and GTA1_SYSTEM_PROMPT.count("{") == 2
+    assert "{" not in text and GTA1_SYSTEM.count("{") == 2
 
 
 def test_custom_system_prompt_keeps_other_braces():
@@ -136,7 +138,7 @@ sizes = st.tuples(st.integers(1, 8000), st.integers(1, 8000)).filter(
 @given(size=sizes, fx=st.floats(-0.2, 1.2), fy=st.floats(-0.2, 1.2))
 def test_mapping_matches_smart_resize_and_stays_in_the_image(size, fx, fy):
     ow, oh = size
-    rh, rw = smart_resize(oh, ow, factor=28, min_pixels=3136, max_pixels=12_845_056)
+    rh, rw = smart_resize(oh, ow, factor=28, min_pixels=3136, max_pixels=4096 * 2160)
     assert GTA1.target_size(oh, ow) == (rh, rw)
     assert rw % 28 == 0 and rh % 28 == 0 and 3136 <= rw * rh <= 12_845_056
     point = (fx * rw, fy * rh)
@@ -182,8 +184,13 @@ def test_result_with_a_point():
     out = grounding_result("(966, 546)", (1920, 1080), (1932, 1092), "stop")
     assert out == {
         "point": [960.0, 540.0],
+        "box": None,
         "point_resized": [966, 546],
         "clamped": False,
+        "model_point": [966, 546],
+        "model_box": None,
+        "space": "absolute",
+        "style": "gta1",
         "original_size": [1920, 1080],
         "resized_size": [1932, 1092],
         "raw_text": "(966, 546)",
@@ -195,8 +202,8 @@ def test_result_with_a_point():
     [
         ("", "stop", "the model's answer is empty"),
         ("   ", "stop", "the model's answer is empty"),
-        ("I see no such button", "stop", "no (x, y) point found in the model's answer"),
-        ("(12,", "length", "no (x, y) point found in the model's answer (generation stopped"),
+        ("I see no such button", "stop", "no point found in the model's answer (gta1 format)"),
+        ("(12,", "length", "no point found in the model's answer (gta1 format) (generation"),
     ],
 )
 def test_result_without_a_point_has_a_reason(text, finish, reason):
@@ -226,8 +233,8 @@ def test_bounds_are_capped_at_the_engines_encoder_cache():
 def test_grounding_settings_are_validated():
     s = load_worker_settings({"GROUNDING_MIN_PIXELS": "1000", "GROUNDING_MAX_PIXELS": "2000000"})
     assert (s.grounding_min_pixels, s.grounding_max_pixels) == (1000, 2_000_000)
-    defaults = load_worker_settings({})
-    assert (defaults.grounding_min_pixels, defaults.grounding_max_pixels) == (3136, 12_845_056)
+    defaults = load_worker_settings({})  # unset: the style's reference bounds
+    assert (defaults.grounding_min_pixels, defaults.grounding_max_pixels) == (None, None)
     with pytest.raises(Exception, match="GROUNDING_MIN_PIXELS=9 is larger"):
         load_worker_settings({"GROUNDING_MIN_PIXELS": "9", "GROUNDING_MAX_PIXELS": "8"})
     with pytest.raises(Exception, match="GROUNDING_MAX_PIXELS"):
@@ -335,6 +342,7 @@ def info(processor) -> ModelInfo:
 
 
 async def run_job(info, answer, job_input, finish="stop", **env):
+    env.setdefault("GROUNDING_STYLE", "gta1")
     runner = JobRunner(
         ScriptedEngine(info, answer_script(answer, finish)), load_worker_settings(env)
     )
@@ -361,7 +369,7 @@ async def test_grounding_job_streams_text_then_the_point_in_original_pixels(info
     assert final["images"][0]["resized_size"] == [1932, 1092]
     (req,) = runner.engine.requests
     assert req.images[0].size == (1932, 1092)
-    assert req.mm_processor_kwargs == {"min_pixels": 3136, "max_pixels": 12_845_056}
+    assert req.mm_processor_kwargs == {"min_pixels": 3136, "max_pixels": 4096 * 2160}
     assert "The image resolution is height 1092 and width 1932." in req.prompt
     system, user_turn = req.prompt.split("<|im_start|>user\n")
     assert system.startswith("<|im_start|>system\nYou are an expert UI element locator.")
@@ -383,7 +391,7 @@ async def test_answer_without_a_point_gives_null_and_a_reason(info):
     assert g["point"] is None and g["point_resized"] is None
     assert (
         g["reason"]
-        == "no (x, y) point found in the model's answer (generation stopped at max_tokens)"
+        == "no point found in the model's answer (gta1 format) (generation stopped at max_tokens)"
     )
 
 
@@ -475,3 +483,85 @@ def test_job_path_maps_the_models_point_like_a_direct_computation(info, size, fx
     # the point is rounded to 0.01 px: off by at most half of that, plus float error
     assert math.isclose(g["point"][0], ex, abs_tol=0.005 + 1e-9)
     assert math.isclose(g["point"][1], ey, abs_tol=0.005 + 1e-9)
+
+
+# ------------------------------------------------------- several targets, constraints
+async def test_several_targets_share_one_image_and_answer_in_order(info):
+    job = {
+        "task": "grounding",
+        "instructions": ["the Save button", "the search box", "the close icon"],
+        "image": data_uri(screenshot(1920, 1080)),
+    }
+    runner, chunks = await run_job(info, "(966, 546)", job)
+    (final,) = chunks  # one chunk, streamed or not
+    requests = runner.engine.requests
+    assert [r.request_id for r in requests] == ["g1-0", "g1-1", "g1-2"]
+    # one decode and resize: the same pixels and content id in every request
+    assert all(r.images[0] is requests[0].images[0] for r in requests)
+    assert len({r.image_ids[0] for r in requests}) == 1
+    for request, instruction in zip(requests, job["instructions"], strict=True):
+        assert request.prompt.endswith(
+            f"<|vision_end|>{instruction}<|im_end|>\n<|im_start|>assistant\n"
+        )
+    assert [g["instruction"] for g in final["groundings"]] == job["instructions"]
+    assert all(g["point"] == [960.0, 540.0] for g in final["groundings"])
+    assert "grounding" not in final and "text" not in final
+    assert final["usage"]["completion_tokens"] == 3 * len(answer_script("(966, 546)"))
+    assert final["images"][0]["resized_size"] == [1932, 1092]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "words"),
+    [
+        ({"instructions": ["a", "  "]}, "instructions[1]", "must not be empty"),
+        ({"instructions": ["a"], "instruction": "b"}, "instructions", "not both"),
+        ({"instructions": []}, "instructions", "at least 1"),
+        ({"instructions": ["x"] * 33}, "instructions", "at most 32"),
+    ],
+)
+async def test_bad_target_lists_are_refused_by_name(info, extra, field, words):
+    job = {"task": "grounding", "image": data_uri(), **extra}
+    _, chunks = await run_job(info, "(1, 1)", job)
+    error = chunks[0]["error"]
+    assert error["type"] == "invalid_input" and error["field"] == field, error
+    assert words in error["message"]
+
+
+async def test_instructions_and_constrain_are_grounding_fields(info):
+    for key, value in (("instructions", ["a"]), ("constrain", True)):
+        _, chunks = await run_job(
+            info, "x", {"messages": [{"role": "user", "content": "hi"}], key: value}
+        )
+        assert chunks[0]["error"]["field"] == key
+
+
+async def test_constrained_jobs_decode_under_the_styles_grammar(info):
+    from vlm_worker.prompt.grounding_styles import STYLES
+
+    runner, _ = await run_job(info, "(3,4)", grounding_job(constrain=True, stream=False))
+    (request,) = runner.engine.requests
+    assert request.sampling["structured_outputs"] == {"regex": STYLES["gta1"].answer_regex()}
+    # the setting is the default; a job says otherwise
+    runner, _ = await run_job(info, "(3,4)", grounding_job(), GROUNDING_CONSTRAIN="true")
+    assert "structured_outputs" in runner.engine.requests[0].sampling
+    runner, _ = await run_job(
+        info, "(3,4)", grounding_job(constrain=False), GROUNDING_CONSTRAIN="true"
+    )
+    assert "structured_outputs" not in runner.engine.requests[0].sampling
+    _, chunks = await run_job(
+        info, "(3,4)", grounding_job(constrain=True, structured_outputs={"regex": "a"})
+    )
+    assert chunks[0]["error"]["field"] == "constrain"
+
+
+async def test_the_style_decides_the_prompt_space_and_parser(info):
+    job = grounding_job(data_uri(screenshot(1000, 500)), stream=False)
+    runner, chunks = await run_job(
+        info, '{"point_2d": [500, 500]}', job, GROUNDING_STYLE="qwen3-vl"
+    )
+    g = chunks[0]["grounding"]
+    assert g["style"] == "qwen3-vl" and g["space"] == "relative-1000"
+    assert g["point"] == [500.0, 250.0] and g["model_point"] == [500, 500]
+    prompt = runner.engine.requests[0].prompt
+    assert "Locate the the blue Submit button in this image." in prompt
+    assert "<|im_start|>system" in prompt  # the template's own default system message

@@ -153,16 +153,39 @@ class WorkerSettings:
         category="Images",
         minimum=1,
     )
-    grounding_min_pixels: int = _setting(
-        3136,
-        "Lower bound on a grounding job's resized image area (pixels); GTA1's recipe.",
+    grounding_style: Literal[
+        "auto", "gta1", "qwen2.5-vl", "qwen3-vl", "ui-tars-1.5", "ui-tars", "opencua"
+    ] = _setting(
+        "auto",
+        "The grounding convention (prompt, answer format, coordinate space, resize bounds): "
+        "auto (from the model's architecture and name; unknown models get gta1), gta1, "
+        "qwen2.5-vl, qwen3-vl, ui-tars-1.5, ui-tars (v1), opencua.",
+        category="Grounding",
+    )
+    grounding_coordinates: Literal["absolute", "relative-1000", "relative-1"] | None = _setting(
+        None,
+        "The space the model answers in: absolute (pixels of the resized image), "
+        "relative-1000 or relative-1. Unset: the style's.",
+        category="Grounding",
+    )
+    grounding_constrain: bool = _setting(
+        False,
+        "Constrain grounding answers to the style's format (vLLM structured outputs) unless "
+        "a job sets `constrain`: a point always comes back.",
+        category="Grounding",
+    )
+    grounding_min_pixels: int | None = _setting(
+        None,
+        "Lower bound on a grounding job's resized image area (pixels). Unset: the style's "
+        "reference (GTA1: 3136), else the processor's.",
         category="Grounding",
         minimum=1,
     )
-    grounding_max_pixels: int = _setting(
-        12_845_056,
-        "Upper bound on a grounding job's resized image area (pixels); GTA1's recipe. "
-        "Capped, with a start-up warning, at what the engine's encoder cache takes.",
+    grounding_max_pixels: int | None = _setting(
+        None,
+        "Upper bound on a grounding job's resized image area (pixels). Unset: the style's "
+        "reference (GTA1: 4096x2160), else the processor's. Capped, with a start-up "
+        "warning, at what the engine's encoder cache takes.",
         category="Grounding",
         minimum=1,
     )
@@ -353,7 +376,7 @@ def load_worker_settings(env: Mapping[str, str]) -> WorkerSettings:
         if lo is not None and hi is not None and lo > hi:
             problems.append(f"IMAGE_MIN_PIXELS={lo} is larger than IMAGE_MAX_PIXELS={hi}")
         glo, ghi = settings.grounding_min_pixels, settings.grounding_max_pixels
-        if glo > ghi:
+        if glo is not None and ghi is not None and glo > ghi:
             problems.append(f"GROUNDING_MIN_PIXELS={glo} is larger than GROUNDING_MAX_PIXELS={ghi}")
         if settings.default_min_batch_size > settings.default_batch_size:
             problems.append(

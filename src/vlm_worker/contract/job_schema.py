@@ -29,6 +29,8 @@ _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 MAX_STOP_SEQUENCES = 16
 MAX_MESSAGES = 256
+#: Most elements one grounding job may locate on its screenshot (``instructions``).
+MAX_TARGETS = 32
 
 
 def _not_empty(value: str) -> str:
@@ -307,6 +309,10 @@ class Job(BaseModel):
     prompt: Annotated[Text, AfterValidator(_not_empty)] | None = None
     apply_chat_template: bool | None = None
     instruction: Text | None = None
+    #: Several elements to locate on one screenshot: one result per instruction, in order.
+    instructions: list[Text] | None = Field(None, min_length=1, max_length=MAX_TARGETS)
+    #: Decode under the grounding style's answer grammar (unset: GROUNDING_CONSTRAIN).
+    constrain: bool | None = None
     image: NonEmptyStr | None = None
     system_prompt: Annotated[Text, AfterValidator(_not_empty)] | None = None
     sampling_params: SamplingOptions = Field(default_factory=SamplingOptions)
@@ -362,6 +368,12 @@ class Job(BaseModel):
             raise ValueError(f"{both[0]} is set both at the top level and in sampling_params")
         rest = {k: v for k, v in data.items() if k not in _SAMPLING_KEYS}
         return {**rest, "sampling_params": {**nested, **flat}}
+
+    def targets(self) -> list[str]:
+        """A shortcut grounding job's element descriptions, in order (one or several)."""
+        if self.instructions is not None:
+            return list(self.instructions)
+        return [] if self.instruction is None else [self.instruction]
 
     def video_sources(self) -> list[tuple[str, str]]:
         """Each video's source with its field path, in prompt order."""
@@ -438,7 +450,7 @@ def parse_job(data: Any) -> Job:
     return job
 
 
-_GROUNDING_ONLY = ("instruction", "image", "system_prompt")
+_GROUNDING_ONLY = ("instruction", "instructions", "constrain", "image", "system_prompt")
 
 
 def check_task(job: Job) -> None:
@@ -474,14 +486,21 @@ def check_task(job: Job) -> None:
                 else f"{name}: only used with task 'chat'",
                 field=name,
             )
+    if job.instruction is not None and job.instructions is not None:
+        raise InvalidInput(
+            "instructions: give instruction or instructions, not both", field="instructions"
+        )
+    for i, text in enumerate(job.instructions or ()):
+        if not text.strip():
+            raise InvalidInput(f"instructions[{i}]: must not be empty", field=f"instructions[{i}]")
     if job.messages is None:
-        if job.instruction is None:
+        if job.instruction is None and job.instructions is None:
             raise InvalidInput(
                 "instruction: required for task 'grounding' (the element to locate), "
                 "with image; or give messages instead",
                 field="instruction",
             )
-        if not job.instruction.strip():
+        if job.instruction is not None and not job.instruction.strip():
             raise InvalidInput("instruction: must not be empty", field="instruction")
         if job.image is None:
             raise InvalidInput(
@@ -490,7 +509,7 @@ def check_task(job: Job) -> None:
                 field="image",
             )
         return
-    for name in ("instruction", "image"):
+    for name in ("instruction", "instructions", "image"):
         if getattr(job, name) is not None:
             raise InvalidInput(
                 f"{name}: give either messages, or instruction and image, not both",

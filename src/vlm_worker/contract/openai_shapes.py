@@ -115,6 +115,17 @@ class SamplingRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class GroundingRequest(BaseModel):
+    """The worker's extra (``extra_body={"grounding": {...}}`` in the ``openai`` client):
+    the request's messages are a grounding job's (one screenshot, the element's
+    description); the answer comes back with a ``grounding`` object beside ``choices``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    constrain: bool | None = None
+    system_prompt: str | None = None
+
+
 class ChatRequest(SamplingRequest):
     """The subset of OpenAI's chat request that maps onto a job."""
 
@@ -129,6 +140,7 @@ class ChatRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    grounding: GroundingRequest | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -243,6 +255,9 @@ def to_native(req: ChatRequest) -> dict[str, Any]:
     structured = structured_outputs(req)
     if structured is not None:
         native["structured_outputs"] = structured
+    if req.grounding is not None:
+        native["task"] = "grounding"
+        native |= req.grounding.model_dump(exclude_none=True)
     return native
 
 
@@ -316,6 +331,8 @@ def field_aliases(req: ChatRequest | CompletionRequest) -> dict[str, str]:
     aliases = {"sampling_params.logprobs": "top_logprobs" if req.top_logprobs else "logprobs"}
     if req.response_format is not None and req.response_format.type != "text":
         aliases["sampling_params.structured_outputs"] = "response_format"
+    if req.grounding is not None:
+        aliases |= {"constrain": "grounding.constrain", "task": "grounding"}
     return aliases
 
 
@@ -380,6 +397,7 @@ class ChatFormatter:
                 for message, reason in [self._message(choice)]
             ],
             "usage": final.get("usage"),
+            **({"grounding": final["grounding"]} if "grounding" in final else {}),
         }
 
     def chunk(

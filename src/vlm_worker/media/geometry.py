@@ -20,6 +20,10 @@ class ImageGeometry:
     merge_size: int = 2
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
+    #: "processor": resize with the processor's own resampler (what the model sees when
+    #: the processor resizes); "pillow": Pillow's bicubic ``Image.resize``, for a family
+    #: whose reference code pre-resizes that way (GTA1's inference).
+    resample: str = "processor"
 
     @property
     def factor(self) -> int:

@@ -397,7 +397,10 @@ def prepare_image(
     # target must be the target (not so for near-200:1 images or tiny max_pixels). Else
     # the processor gets the original and resizes it once, to the same target size.
     if geometry.is_fixed_point(new_h, new_w):
-        img = resize_like_processor(pixels, (new_h, new_w), processor)
+        if geometry.resample == "pillow" and (width, height) != (new_w, new_h):
+            img = as_pil(pixels).resize((new_w, new_h), Image.Resampling.BICUBIC)
+        else:
+            img = resize_like_processor(pixels, (new_h, new_w), processor)
     else:
         img = as_pil(pixels)
     return PreparedImage(

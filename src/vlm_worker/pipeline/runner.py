@@ -34,7 +34,7 @@ from vlm_worker.media.images import ImageLimits, PreparedImage, is_url
 from vlm_worker.media.video import PreparedVideo
 from vlm_worker.pipeline.hooks import NO_HOOKS, PipelineHooks
 from vlm_worker.pipeline.image_pool import ImagePool
-from vlm_worker.prompt import grounding
+from vlm_worker.prompt import grounding, grounding_styles
 from vlm_worker.prompt.chat import check_length, normalize_placeholders, render, template_messages
 
 log = logging.getLogger("vlm_worker.pipeline.runner")
@@ -100,6 +100,19 @@ class Prepared:
     adapter: LoraAdapter | None = None
     #: The job's videos, sampled and decoded, in prompt order.
     videos: list[PreparedVideo] = field(default_factory=list)
+    #: A grounding job's targets beyond one prompt (``instructions``): each its own
+    #: prompt over the same image.
+    targets: list[Target] | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One element to locate: its description and its own prompt over the shared image."""
+
+    instruction: str
+    prompt: str
+    prompt_token_ids: list[int]
+    prompt_tokens: int
 
 
 @dataclass
@@ -159,20 +172,38 @@ class JobRunner:
         self.in_flight = 0  # jobs in ``run``
         self.preparing = 0  # calls in ``prepare`` (a job's first stage, or a direct call)
         self._chat_template = settings.chat_template_text()
+        info = engine.info
+        #: The served model's grounding convention (``grounding_styles``).
+        self.grounding_style, why = grounding_styles.choose(
+            info.architecture,
+            (settings.model_label, info.name),
+            settings.grounding_style,
+            settings.grounding_coordinates,
+        )
         #: None for a model whose resize the worker does not reproduce: a grounding
         #: prompt must state the size the model sees.
-        self.grounding_bounds = (
-            None
-            if engine.info.geometry is None
-            else grounding.grounding_bounds(
-                engine.info.geometry,
-                settings.grounding_min_pixels,
-                settings.grounding_max_pixels,
-                engine.info.max_image_tokens,
+        self.grounding_bounds = None
+        if info.geometry is not None:
+            style = self.grounding_style
+            self.grounding_bounds = grounding.grounding_bounds(
+                replace(info.geometry, resample=style.resample),
+                settings.grounding_min_pixels or style.min_pixels or info.geometry.min_pixels,
+                settings.grounding_max_pixels or style.max_pixels or info.geometry.max_pixels,
+                info.max_image_tokens,
             )
-        )
-        if self.grounding_bounds is not None and self.grounding_bounds.note:
-            log.warning(self.grounding_bounds.note)
+            log.info(
+                "grounding convention",
+                extra={
+                    "style": style.name,
+                    "space": style.space,
+                    "why": why,
+                    "min_pixels": self.grounding_bounds.geometry.min_pixels,
+                    "max_pixels": self.grounding_bounds.geometry.max_pixels,
+                    "resample": style.resample,
+                },
+            )
+            if self.grounding_bounds.note:
+                log.warning(self.grounding_bounds.note)
 
     async def run(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The runpod handler body: an async generator of chunks for one job."""
@@ -236,9 +267,22 @@ class JobRunner:
         video_sources = self._check_videos(job)
         image_work = [self._image(f, s, geometry) for f, s in sources]
         videos: list[PreparedVideo] = []
+        targets = None
         if job.task == "grounding":  # its prompt states the resized size: images first
             images = list(await asyncio.gather(*image_work))
-            text, ids = await loop.run_in_executor(self.executor, self._render, job, images)
+            instructions = job.targets() or [None]
+            renders = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self.executor, self._render, job, images, instruction)
+                    for instruction in instructions
+                )
+            )
+            text, ids = renders[0]
+            if job.instructions is not None:
+                targets = [
+                    Target(instruction, t, i, self._prompt_tokens(len(i), images))
+                    for instruction, (t, i) in zip(instructions, renders, strict=True)
+                ]
         else:  # the template does not need the pixels: render while they are decoded
             video_work = [self._video(f, s) for f, s in video_sources]
             rendering = loop.run_in_executor(self.executor, self._render, job, [])
@@ -252,6 +296,8 @@ class JobRunner:
             images = list(results[: len(sources)])
             videos = list(results[len(sources) : -1])
         tokens = self._prompt_tokens(len(ids), images)
+        if targets is not None:
+            tokens = max(target.prompt_tokens for target in targets)
         sampling, warnings = self._sampling(job, tokens)
         mm_kwargs = bounds.processor_kwargs() if bounds else None
         if geometry is not None and bounds is None:
@@ -269,6 +315,7 @@ class JobRunner:
             ids_for_engine,
             adapter,
             videos,
+            targets,
         )
 
     def _check_videos(self, job: Job) -> list[tuple[str, str]]:
@@ -384,7 +431,9 @@ class JobRunner:
         alone = self.in_flight <= 1 and self.preparing <= 1
         return await self.images.prepare_video(fetched, field=field, limits=limits, alone=alone)
 
-    def _render(self, job: Job, images: list[PreparedImage]) -> tuple[str, list[int]]:
+    def _render(
+        self, job: Job, images: list[PreparedImage], instruction: str | None = None
+    ) -> tuple[str, list[int]]:
         """The prompt text and its token ids, one per image placeholder.
 
         A raw prompt is the text as it is; its ids here only count it, since vLLM
@@ -395,7 +444,7 @@ class JobRunner:
         if job.raw_prompt:
             text = job.prompt or ""
         else:
-            messages = self._messages(job, images)
+            messages = self._messages(job, images, instruction)
             text = render(
                 info.templater, messages, self._chat_template, job.chat_template_kwargs, job.tools
             )
@@ -433,15 +482,21 @@ class JobRunner:
         check_length(tokens, info.max_model_len)
         return tokens
 
-    @staticmethod
-    def _messages(job: Job, images: list[PreparedImage]) -> list[dict[str, Any]]:
-        """Template messages; a grounding job's system prompt states its image's resized size."""
+    def _messages(
+        self, job: Job, images: list[PreparedImage], instruction: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Template messages; a grounding job's are its style's (``grounding_styles``),
+        whose system prompt may state the image's resized size."""
         if job.task != "grounding":
             return template_messages(job.chat_messages())
-        system = grounding.system_prompt(images[0].resized_size, job.system_prompt)
+        style = self.grounding_style
+        resized = images[0].resized_size
+        assert resized is not None  # grounding images are always resized by the worker
         if job.messages is None:
-            return grounding.grounding_messages(system, job.instruction or "")
-        return [{"role": "system", "content": system}, *template_messages(job.messages)]
+            return style.messages(resized, instruction or job.instruction or "", job.system_prompt)
+        system = style.system_text(resized, job.system_prompt)
+        head = [] if system is None else [{"role": "system", "content": system}]
+        return [*head, *template_messages(job.messages)]
 
     def _sampling(self, job: Job, prompt_tokens: int) -> tuple[dict[str, Any], list[str]]:
         info = self.engine.info
@@ -467,11 +522,25 @@ class JobRunner:
             )
         if n > 1 and job.task == "grounding":
             raise InvalidInput("n: a grounding job has one answer", field="sampling_params.n")
+        constrain = (
+            job.constrain if job.constrain is not None else self.settings.grounding_constrain
+        )
+        if job.task == "grounding" and constrain:
+            if "structured_outputs" in values:
+                raise InvalidInput(
+                    "constrain: the answer grammar is the grounding style's; give constrain "
+                    "or structured_outputs, not both",
+                    field="constrain",
+                )
+            values["structured_outputs"] = {"regex": self.grounding_style.answer_regex()}
         return values, warnings
 
     async def generate(
         self, job_id: str, prepared: Prepared, clock: Clock
     ) -> AsyncIterator[dict[str, Any]]:
+        if prepared.targets is not None:
+            yield await self._locate_all(job_id, prepared, clock)
+            return
         request = EngineRequest(
             request_id=job_id,
             prompt=prepared.prompt,
@@ -508,6 +577,69 @@ class JobRunner:
                 else:
                     last = delta if stream else total
                     yield self._final(job_id, last, total, prepared, clock)
+
+    async def _locate_all(self, job_id: str, prepared: Prepared, clock: Clock) -> dict[str, Any]:
+        """Every target of a grounding job at once, over the one prepared image: the same
+        pixels and content id in every request, so vLLM's processor, encoder and prefix
+        caches serve the image once. One final chunk, one result per target, in order."""
+        assert prepared.targets is not None
+        images = [img.image for img in prepared.images]
+        image_ids = [img.content_id for img in prepared.images]
+
+        async def one(i: int, target: Target) -> Delta:
+            request = EngineRequest(
+                request_id=f"{job_id}-{i}",
+                prompt=target.prompt,
+                images=images,
+                image_ids=image_ids,
+                prompt_token_ids=target.prompt_token_ids,
+                sampling=prepared.sampling,
+                mm_processor_kwargs=prepared.mm_processor_kwargs,
+                batch=FINAL_ONLY,
+                lora=_lora(prepared.adapter),
+            )
+            total = Delta()
+            async for delta in self.engine.generate(request):
+                if clock.first_token is None and delta.first_token_at is not None:
+                    clock.first_token = delta.first_token_at
+                total.merge(delta)
+            return total
+
+        totals = await asyncio.gather(*(one(i, t) for i, t in enumerate(prepared.targets)))
+        clock.end = time.perf_counter()
+        image = prepared.images[0]
+        results = []
+        for target, total in zip(prepared.targets, totals, strict=True):
+            result = grounding.grounding_result(
+                total.text,
+                image.original_size,
+                image.resized_size or image.original_size,
+                total.finish_reason,
+                self.grounding_style,
+            )
+            results.append(
+                {"instruction": target.instruction, **result, "finish_reason": total.finish_reason}
+            )
+        prompt_tokens = sum(
+            t.prompt_tokens if t.prompt_tokens is not None else target.prompt_tokens
+            for t, target in zip(totals, prepared.targets, strict=True)
+        )
+        completion = sum(t.tokens for t in totals)
+        chunk: dict[str, Any] = {
+            "groundings": results,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion,
+            },
+            "timings": clock.timings(completion),
+            "images": [img.describe() for img in prepared.images],
+            "model": self.engine.info.name,
+        }
+        if prepared.warnings:
+            chunk["warnings"] = prepared.warnings
+        log.info("job done", extra={"job_id": job_id, **chunk["usage"], **chunk["timings"]})
+        return chunk
 
     def _batch_policy(self, job: Job) -> BatchPolicy:
         """The settings' batching, or the job's own (worker-vllm's per-job fields)."""
@@ -561,7 +693,11 @@ class JobRunner:
         if prepared.job.task == "grounding":
             image = prepared.images[0]
             chunk["grounding"] = grounding.grounding_result(
-                total.text, image.original_size, image.resized_size, total.finish_reason
+                total.text,
+                image.original_size,
+                image.resized_size or image.original_size,
+                total.finish_reason,
+                self.grounding_style,
             )
         if last is not None and total.stop_reason is not None:
             chunk["stop_reason"] = total.stop_reason

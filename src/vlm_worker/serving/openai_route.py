@@ -149,7 +149,10 @@ class OpenAIRoute:
             if delta:
                 parts.append(sse(fmt.chunk(delta, None, chunk.get("logprobs"), index)))
             if ends:
-                parts.append(sse(fmt.chunk({}, reason, index=index)))
+                end = fmt.chunk({}, reason, index=index)
+                if "grounding" in chunk:  # a grounding request's result, with its end
+                    end["grounding"] = chunk["grounding"]
+                parts.append(sse(end))
             if "usage" in chunk:  # the job's last chunk
                 if fmt.include_usage:
                     parts.append(sse(fmt.usage_chunk(chunk["usage"])))
