@@ -552,6 +552,12 @@ async def test_constrained_jobs_decode_under_the_styles_grammar(info):
         info, "(3,4)", grounding_job(constrain=True, structured_outputs={"regex": "a"})
     )
     assert chunks[0]["error"]["field"] == "constrain"
+    # too few tokens for the longest answer the grammar allows: raised, and said so
+    runner, chunks = await run_job(
+        info, "(3,4)", grounding_job(constrain=True, max_tokens=5, stream=False)
+    )
+    assert runner.engine.requests[0].sampling["max_tokens"] == 14  # "(99999,99999)" + end
+    assert "max_tokens 5 raised to 14" in chunks[-1]["warnings"][0]
 
 
 async def test_the_style_decides_the_prompt_space_and_parser(info):

@@ -336,6 +336,7 @@ def test_whatever_the_grammar_allows_parses_to_a_point(style, data):
     text = data.draw(st.from_regex(re.compile(s.answer_regex()), fullmatch=True))
     answer = PARSERS[s.answer](text)
     assert answer is not None, text
+    assert len(text) <= s.longest_answer()  # a constrained job's max_tokens floor
 
 
 @pytest.mark.parametrize("style", list(STYLES))

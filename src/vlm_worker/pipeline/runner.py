@@ -533,6 +533,13 @@ class JobRunner:
                     field="constrain",
                 )
             values["structured_outputs"] = {"regex": self.grounding_style.answer_regex()}
+            needed = self.grounding_style.longest_answer() + 1  # and the end of the answer
+            if values["max_tokens"] < needed <= room:
+                warnings.append(
+                    f"max_tokens {values['max_tokens']} raised to {needed}: a constrained "
+                    f"{self.grounding_style.name} answer can be that long"
+                )
+                values["max_tokens"] = needed
         return values, warnings
 
     async def generate(

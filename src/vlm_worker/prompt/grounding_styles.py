@@ -59,6 +59,12 @@ class GroundingStyle:
         """The regex vLLM's structured outputs decode under (``constrain: true``)."""
         return self.grammar.replace("{c}", _COORD[self.space])
 
+    def longest_answer(self) -> int:
+        """Characters in the longest answer the grammar allows: a constrained job needs
+        at least that many tokens (plus the end) or its answer is cut off unparseable."""
+        widest = {"absolute": "99999", "relative-1000": "1000", "relative-1": "0.0000"}
+        return len(self.grammar.replace("\\", "").replace("{c}", widest[self.space]))
+
     def system_text(self, resized_size: tuple[int, int], template: str | None = None) -> str | None:
         """The system message for an image of ``resized_size``; ``template`` (the job's
         ``system_prompt``) replaces the family's. Only the literal ``{width}`` and
