@@ -30,8 +30,11 @@ from vlm_worker.media.geometry import ImageGeometry
 from vlm_worker.media.images import (
     ALLOWED_FORMATS,
     PreparedImage,
+    as_pil,
     decode_inline,
+    decode_pixels,
     open_image,
+    pixel_size,
     prepare_image,
 )
 
@@ -770,6 +773,31 @@ def exif_png(orientation: int) -> bytes:
     return encode(screenshot(320, 200), "PNG", exif=exif.tobytes())
 
 
+XMP_ORIENTATION_6 = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+    '22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+    'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def text_chunk_png(kind: str, keyword: str, orientation: int = 6) -> bytes:
+    """A plain RGB PNG whose orientation sits in a text chunk, where Pillow reads it."""
+    from PIL import PngImagePlugin
+
+    exif = exif_orientation(orientation)
+    value = (
+        XMP_ORIENTATION_6
+        if keyword == "XML:com.adobe.xmp"
+        else f"\nexif\n{len(exif):8d}\n{exif.hex()}\n"  # ImageMagick's raw profile
+    )
+    info = PngImagePlugin.PngInfo()
+    if kind == "iTXt":
+        info.add_itxt(keyword, value)
+    else:
+        info.add_text(keyword, value, zip=kind == "zTXt")
+    return encode(Image.fromarray(noise(64, 48, 3, seed=9)), "PNG", pnginfo=info)
+
+
 def bad_idat_crc() -> bytes:
     data = bytearray(encode(textured(200, 120, seed=6)))
     at = data.index(b"IDAT")
@@ -799,6 +827,11 @@ PILLOW_PNGS = {
     ),
     "animated": apng,
     "bad-IDAT-CRC": bad_idat_crc,
+    "XMP-in-iTXt": lambda: text_chunk_png("iTXt", "XML:com.adobe.xmp"),
+    "XMP-in-tEXt": lambda: text_chunk_png("tEXt", "XML:com.adobe.xmp"),
+    "raw-EXIF-in-tEXt": lambda: text_chunk_png("tEXt", "Raw profile type exif"),
+    "raw-EXIF-in-zTXt": lambda: text_chunk_png("zTXt", "Raw profile type exif"),
+    "raw-EXIF-in-iTXt": lambda: text_chunk_png("iTXt", "Raw profile type exif"),
 }
 
 
@@ -817,6 +850,33 @@ def test_other_pngs_stay_with_pillow(image_processor, geometry, case):
 def test_png_orientation_is_still_applied(image_processor, geometry):
     prepared = prepare(exif_png(6), image_processor, geometry)
     assert prepared.original_size == (200, 320)
+
+
+@pytest.mark.parametrize("case", [c for c in sorted(PILLOW_PNGS) if "-in-" in c])
+def test_an_orientation_in_any_chunk_pillow_reads_is_applied(case):
+    """Either decoder gives the same upright picture: such PNGs go to Pillow, which turns
+    them; libpng's pixels turned the same way are what Pillow gives."""
+    from torchvision.io import ImageReadMode, decode_png
+
+    data = PILLOW_PNGS[case]()
+    pixels, _ = decode_pixels(data, FIELD, MAX_SOURCE)
+    assert pixel_size(pixels) == (48, 64)  # turned: 64x48 stored, orientation 6
+    raw = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+    # libpng's pixels, turned as orientation 6 says (90 degrees clockwise)
+    libpng_turned = Image.fromarray(raw.permute(1, 2, 0).numpy()).transpose(
+        Image.Transpose.ROTATE_270
+    )
+    assert np.array_equal(np.asarray(as_pil(pixels)), np.asarray(libpng_turned))
+
+
+def test_other_text_chunks_keep_the_fast_path():
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "gnome-screenshot")
+    info.add_itxt("Comment", 'tiff:Orientation="6" mentioned, not an XMP packet')
+    data = encode(Image.fromarray(noise(64, 48, 3, seed=9)), "PNG", pnginfo=info)
+    assert fast_pixels(data) is not None
 
 
 def test_truncated_plain_png_is_refused_by_name(image_processor, geometry):

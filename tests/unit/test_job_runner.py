@@ -453,3 +453,31 @@ async def test_full_size_family_refuses_a_text_longer_than_the_context(processor
     (chunk,) = [c async for c in runner.run({"id": "j", "input": job})]
     assert chunk["error"]["type"] == "prompt_too_long"
     assert engine.requests == []
+
+
+async def test_after_engine_death_jobs_fail_at_once_and_none_are_taken(info):
+    """``Worker.on_fatal`` sets ``exiting`` (and exits later): from then on the SDK is told
+    to take no jobs, and a job that still arrives fails before any work is done."""
+    import time
+
+    from vlm_worker.serving.worker import Worker
+
+    settings = load_worker_settings({"MAX_CONCURRENCY": "6"})
+    engine = ScriptedEngine(info, [tok("never", True, "stop")])
+    runner = JobRunner(engine, settings)
+    worker = Worker(settings, engine, runner)  # type: ignore[arg-type]
+    assert worker.concurrency_modifier(3) == 6
+    worker.exiting = True  # what on_fatal sets first
+    assert worker.concurrency_modifier(3) == 0
+    started = time.perf_counter()
+    chunks = [c async for c in worker.handler({"id": "late", "input": image_job()})]
+    assert time.perf_counter() - started < 0.05
+    assert chunks == [
+        {
+            "error": {
+                "type": "engine_error",
+                "message": "the engine has stopped; this worker is restarting",
+            }
+        }
+    ]
+    assert engine.requests == [] and runner.in_flight == 0

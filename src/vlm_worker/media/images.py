@@ -259,6 +259,10 @@ _PNG_BIT_DEPTH, _PNG_COLOR_TYPE = 24, 25
 _PNG_RGB, _PNG_RGBA = 2, 6
 #: Chunks that make Pillow do what libpng would not: an orientation, transparency, frames.
 _PILLOW_CHUNKS = frozenset({b"eXIf", b"tRNS", b"acTL"})
+#: Text chunks, and the keywords under which Pillow reads an orientation from one: EXIF
+#: as a hex "raw profile", or XMP's ``tiff:Orientation``.
+_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+_ORIENTATION_KEYWORDS = frozenset({b"Raw profile type exif", b"XML:com.adobe.xmp"})
 
 
 def _png_chunks(data: bytes) -> set[bytes]:
@@ -274,7 +278,12 @@ def _png_chunks(data: bytes) -> set[bytes]:
         types.add(kind)
         if kind == b"IEND":
             break
-        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        if kind in _TEXT_CHUNKS:  # its keyword: up to 79 bytes before a NUL
+            keyword = data[pos + 8 : pos + 8 + min(length, 80)].split(b"\0", 1)[0]
+            if keyword in _ORIENTATION_KEYWORDS:
+                types.add(b"orientation")
+        pos += 12 + length
     return types
 
 
@@ -295,8 +304,9 @@ def png_pixels(img: Image.Image, data: bytes) -> torch.Tensor | None:
         return None
     if data[_PNG_COLOR_TYPE] not in (_PNG_RGB, _PNG_RGBA):
         return None
-    if not _png_chunks(data).isdisjoint(_PILLOW_CHUNKS):  # tRNS, eXIf, acTL (animation)
-        return None
+    chunks = _png_chunks(data)
+    if not chunks.isdisjoint(_PILLOW_CHUNKS) or b"orientation" in chunks:
+        return None  # tRNS, eXIf, acTL (animation), or an orientation in a text chunk
     try:
         import torch
 

@@ -37,7 +37,13 @@ from vlm_worker.config.model_source import (
     use_source,
 )
 from vlm_worker.config.settings import TINY_MODEL_DIR, WorkerSettings, load_worker_settings
-from vlm_worker.contract.errors import ConfigError, EngineDead, InvalidInput, WorkerError
+from vlm_worker.contract.errors import (
+    ConfigError,
+    EngineDead,
+    InvalidInput,
+    WorkerError,
+    error_chunk,
+)
 from vlm_worker.contract.openai_shapes import from_worker_error
 from vlm_worker.engine.model_info import build_model_info, model_max_len
 from vlm_worker.engine.vllm_engine import VllmEngine
@@ -68,6 +74,9 @@ class Worker:
 
     # The runpod SDK checks ``inspect.isasyncgenfunction``: this must stay an async generator.
     async def handler(self, job: dict[str, Any]) -> AsyncIterator[Any]:
+        if self.exiting:  # the engine is dead: no fetching, decoding or queueing first
+            yield error_chunk(EngineDead("the engine has stopped; this worker is restarting"))
+            return
         try:
             request = openai_request(job.get("input"))
         except InvalidInput as err:  # an OpenAI-form job with a key of neither form
@@ -81,7 +90,8 @@ class Worker:
             yield chunk
 
     def concurrency_modifier(self, current: int) -> int:
-        return self.settings.max_concurrency
+        """MAX_CONCURRENCY; 0 once the engine is dead, so the SDK takes no more jobs."""
+        return 0 if self.exiting else self.settings.max_concurrency
 
     def runpod_config(self) -> dict[str, Any]:
         return {
