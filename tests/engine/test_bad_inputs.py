@@ -184,11 +184,11 @@ CASES: list[tuple[str, object, str]] = [
     ("aspect-too-tall", img_job(data_uri(screenshot(3, 900))), DEC),
     ("zero-bytes-png-magic", img_job(b64(b"\x89PNG\r\n\x1a\n")), DEC),
     # --- prompt problems
-    ("image-token-in-text", job(msg("<|image_pad|> x")), "prompt"),
+    ("image-token-in-text", job(msg("<|image_pad|> x")), II),  # a special token in text
     (
         "image-token-with-image",
         job(msg([{"type": "image", "image": OK_URI}, {"type": "text", "text": "<|image_pad|>"}])),
-        "prompt",
+        II,
     ),
     ("prompt-too-long", job(msg("word " * 5000)), "prompt_too_long"),
     (

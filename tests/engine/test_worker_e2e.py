@@ -172,7 +172,11 @@ async def test_closing_the_stream_aborts_its_request(worker):
             "invalid_input",
             "messages[0].content[4].image",  # the fifth: MAX_IMAGES_PER_JOB is 4
         ),
-        ({"messages": [{"role": "user", "content": "<|image_pad|> sneaky"}]}, "prompt", "messages"),
+        (
+            {"messages": [{"role": "user", "content": "<|image_pad|> sneaky"}]},
+            "invalid_input",
+            "messages[0].content",
+        ),
         (
             {"messages": [{"role": "user", "content": "word " * 5000}]},
             "prompt_too_long",

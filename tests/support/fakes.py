@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vlm_worker.engine.deltas import Delta
+from vlm_worker.engine.model_info import special_tokens
 from vlm_worker.engine.protocol import EngineRequest, ModelInfo
 from vlm_worker.media.geometry import ImageGeometry
 from vlm_worker.media.images import PreparedImage, prepare_source
+from vlm_worker.prompt.chat import special_token_pattern
 
 
 class ScriptedEngine:
@@ -81,6 +83,7 @@ def scripted_info(
         video_placeholder=None if video is None else "<|vision_start|><|video_pad|><|vision_end|>",
         video_token=None if video is None else "<|video_pad|>",
         video_limits=video,
+        special_tokens=special_token_pattern(special_tokens(processor.tokenizer)),
     )
 
 

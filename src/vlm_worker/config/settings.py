@@ -133,6 +133,19 @@ class WorkerSettings:
         minimum=1,
         maximum=256,
     )
+    max_job_text_chars: int = _setting(
+        1_000_000,
+        "Most characters of text one job may carry (messages, prompt, instructions), checked "
+        "before the job is parsed or tokenized; images and videos have their own caps.",
+        category="Worker",
+        minimum=1,
+    )
+    max_content_parts: int = _setting(
+        1024,
+        "Most messages plus content parts one job may carry, checked before parsing.",
+        category="Worker",
+        minimum=1,
+    )
     max_images_per_job: int = _setting(
         4,
         "Images one job may carry (vLLM's `limit_mm_per_prompt`); they keep their order. "

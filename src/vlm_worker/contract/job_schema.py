@@ -439,9 +439,55 @@ def validation_error_to_invalid_input(exc: ValidationError) -> InvalidInput:
     return InvalidInput(f"{path}: {message}", field=path)
 
 
-def parse_job(data: Any) -> Job:
+def check_size(data: dict[str, Any], max_chars: int, max_parts: int) -> None:
+    """Refuse a job too large to parse before parsing it: megabytes of text would be
+    validated and tokenized (holding the GIL) only to be refused as too long, and
+    hundreds of thousands of tiny parts stall validation as long. Only lengths are read
+    (``len`` is O(1)); the walk stops at the first cap passed."""
+    chars = 0
+    for name in ("prompt", "instruction", "system_prompt"):
+        if isinstance(value := data.get(name), str):
+            chars += len(value)
+    if isinstance(targets := data.get("instructions"), list):
+        chars += sum(len(t) for t in targets[: max_parts + 1] if isinstance(t, str))
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        parts = len(messages)
+        for message in messages:
+            if parts > max_parts:
+                break
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                chars += len(content)
+            elif isinstance(content, list):
+                parts += len(content)
+                if parts > max_parts:
+                    break
+                for part in content:
+                    if isinstance(part, dict) and isinstance(text := part.get("text"), str):
+                        chars += len(text)
+            if chars > max_chars:
+                break
+        if parts > max_parts:
+            raise InvalidInput(
+                f"messages: the job has more than {max_parts} messages and content parts "
+                f"(MAX_CONTENT_PARTS={max_parts})",
+                field="messages",
+            )
+    if chars > max_chars:
+        raise InvalidInput(
+            f"the job's text is more than {max_chars} characters "
+            f"(MAX_JOB_TEXT_CHARS={max_chars}); it is refused before tokenizing",
+            field="messages" if isinstance(messages, list) else "prompt",
+        )
+
+
+def parse_job(data: Any, max_chars: int | None = None, max_parts: int | None = None) -> Job:
+    """The job, validated; with ``max_chars`` / ``max_parts``, sizes first (``check_size``)."""
     if not isinstance(data, dict):
         raise InvalidInput(f"input must be a JSON object, got {type(data).__name__}", field="input")
+    if max_chars is not None and max_parts is not None:
+        check_size(data, max_chars, max_parts)
     try:
         job = Job.model_validate(data)
     except ValidationError as exc:

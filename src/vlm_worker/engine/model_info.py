@@ -18,6 +18,7 @@ from vlm_worker.engine.protocol import ModelInfo
 from vlm_worker.media.families import ImageHandling, image_handling
 from vlm_worker.media.geometry import ImageGeometry
 from vlm_worker.media.video import VideoLimits
+from vlm_worker.prompt.chat import special_token_pattern
 
 log = logging.getLogger("vlm_worker.model")
 
@@ -167,7 +168,16 @@ def build_model_info(
         video_placeholder=video[0],
         video_token=video[1],
         video_limits=video[2],
+        special_tokens=special_token_pattern(special_tokens(tokenizer)),
     )
+
+
+def special_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens: bos, eos and the rest it names, and every added
+    token marked special (image and turn markers)."""
+    named = list(getattr(tokenizer, "all_special_tokens", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return named + [t.content for t in added.values() if getattr(t, "special", False)]
 
 
 def video_setup(

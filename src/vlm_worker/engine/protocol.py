@@ -8,6 +8,7 @@ cannot produce on demand.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -72,6 +73,8 @@ class ModelInfo:
     video_token: str | None = None
     #: How videos are sampled and capped (``media.video.VideoLimits``); None: no video.
     video_limits: Any = None
+    #: The tokenizer's special tokens as one pattern (``prompt.chat.refuse_special_tokens``).
+    special_tokens: re.Pattern[str] | None = None
 
     def text_token_ids(self, text: str) -> list[int]:
         """A rendered chat prompt's ids: the template wrote any special tokens itself."""

@@ -35,7 +35,13 @@ from vlm_worker.media.video import PreparedVideo
 from vlm_worker.pipeline.hooks import NO_HOOKS, PipelineHooks
 from vlm_worker.pipeline.image_pool import ImagePool
 from vlm_worker.prompt import grounding, grounding_styles
-from vlm_worker.prompt.chat import check_length, normalize_placeholders, render, template_messages
+from vlm_worker.prompt.chat import (
+    check_length,
+    normalize_placeholders,
+    refuse_special_tokens,
+    render,
+    template_messages,
+)
 
 log = logging.getLogger("vlm_worker.pipeline.runner")
 
@@ -252,7 +258,14 @@ class JobRunner:
         # Validating a job walks all of it, a 4K image's 7 MB of base64 included: jobs that
         # arrive together would each hold the loop, and every stream's next chunk behind it,
         # for as long; in a thread, the loop runs between them.
-        job = await loop.run_in_executor(self.executor, parse_job, raw)
+        settings = self.settings
+        job = await loop.run_in_executor(
+            self.executor,
+            parse_job,
+            raw,
+            settings.max_job_text_chars,
+            settings.max_content_parts,
+        )
         sources = job.image_sources()
         limit = self.settings.max_images_per_job
         if len(sources) > limit:
@@ -444,6 +457,7 @@ class JobRunner:
         if job.raw_prompt:
             text = job.prompt or ""
         else:
+            refuse_special_tokens(job.chat_messages(), info.special_tokens, _client_fields(job))
             messages = self._messages(job, images, instruction)
             text = render(
                 info.templater, messages, self._chat_template, job.chat_template_kwargs, job.tools
@@ -719,6 +733,15 @@ class JobRunner:
             chunk["warnings"] = prepared.warnings
         log.info("job done", extra={"job_id": job_id, **chunk["usage"], **chunk["timings"]})
         return chunk
+
+
+def _client_fields(job: Job) -> dict[str, str]:
+    """A job's text fields outside its messages that reach the prompt."""
+    fields = {f"instructions[{i}]": t for i, t in enumerate(job.instructions or ())}
+    for name in ("instruction", "system_prompt"):
+        if (value := getattr(job, name)) is not None:
+            fields[name] = value
+    return fields
 
 
 def _lora(adapter: LoraAdapter | None) -> tuple[str, int, str] | None:

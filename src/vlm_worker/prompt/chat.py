@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from vlm_worker.contract.errors import PromptError, PromptTooLong
+from vlm_worker.contract.errors import InvalidInput, PromptError, PromptTooLong
 from vlm_worker.contract.job_schema import (
     ImagePart,
     ImageURLPart,
@@ -109,6 +109,49 @@ def render(
     if not isinstance(text, str):
         raise PromptError(f"the chat template returned {type(text).__name__}, not text")
     return text
+
+
+#: Roles whose text comes from the client, not from the model: a special token typed there
+#: would become a real control token in the prompt (a forged turn, a fake image slot).
+CLIENT_ROLES = frozenset({"system", "user", "tool"})
+
+
+def special_token_pattern(tokens: Sequence[str]) -> re.Pattern[str] | None:
+    """One pattern for all of a tokenizer's special tokens, longest first."""
+    literal = sorted({t for t in tokens if t}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, literal))) if literal else None
+
+
+def refuse_special_tokens(
+    messages: Sequence[Message], pattern: re.Pattern[str] | None, extra: dict[str, str]
+) -> None:
+    """The documented rule: system, user and tool text, and ``extra`` fields (a grounding
+    job's instruction), may not contain the tokenizer's special tokens; the error names
+    the field and the token. Assistant turns are the model's own words (``<think>``, a
+    ``<tool_call>``) and pass as they are, as a raw ``prompt`` does."""
+    if pattern is None:
+        return
+    for field, text in extra.items():
+        _refuse(pattern, text, field)
+    for i, message in enumerate(messages):
+        if message.role not in CLIENT_ROLES or message.content is None:
+            continue
+        if isinstance(message.content, str):
+            _refuse(pattern, message.content, f"messages[{i}].content")
+            continue
+        for j, part in enumerate(message.content):
+            if isinstance(part, TextPart):
+                _refuse(pattern, part.text, f"messages[{i}].content[{j}].text")
+
+
+def _refuse(pattern: re.Pattern[str], text: str, field: str) -> None:
+    found = pattern.search(text)
+    if found is not None:
+        raise InvalidInput(
+            f"{field}: contains the special token {found.group()!r}, which text may not "
+            "carry (it would act as a control token); send images as image parts",
+            field=field,
+        )
 
 
 def normalize_placeholders(

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vlm_worker.contract.errors import InvalidInput, WorkerError
+from vlm_worker.contract.job_schema import check_size
 from vlm_worker.contract.openai_shapes import (
     ROUTE_CHAT,
     ROUTE_COMPLETIONS,
@@ -58,6 +59,10 @@ class OpenAIRoute:
             return
         try:
             if route == ROUTE_CHAT:
+                if isinstance(body, dict):  # sizes before pydantic walks all of it
+                    check_size(
+                        body, self.settings.max_job_text_chars, self.settings.max_content_parts
+                    )
                 chat = self._check_model(parse_request(body))
                 native, aliases = to_native(chat), field_aliases(chat)
                 tools = None
