@@ -788,3 +788,43 @@ async def test_a_video_is_fetched_under_the_same_policy_with_its_own_cap(srv, ma
         await fetcher.fetch(srv.public("/img.png"), FIELD, kind)
     with pytest.raises(ImageFetchError, match="looks like HTML"):
         await fetcher.fetch(srv.public("/body?text=<html>x</html>&type=video/mp4"), FIELD, kind)
+
+
+# ------------------------------------------------------------------------- lookups
+async def test_the_default_lookup_reads_the_hosts_file_without_a_thread():
+    from vlm_worker.media.fetch import AsyncLookup
+
+    found = await AsyncLookup(2.0)("localhost", 80)
+    assert set(found) <= {"127.0.0.1", "::1"} and found
+
+
+async def test_black_holed_names_fail_on_their_own_deadline_and_starve_nothing():
+    """A DNS server that never answers: twelve lookups at once used to hold twelve threads
+    of the loop's default executor for the whole DNS timeout, and every other fetch (and
+    anything else on that executor) waited behind them."""
+    from vlm_worker.media.fetch import AsyncLookup
+
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # swallows every query
+    hole.bind(("127.0.0.1", 0))
+    try:
+        lookup = AsyncLookup(1.0, nameservers=[f"127.0.0.1:{hole.getsockname()[1]}"])
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        pending = [asyncio.ensure_future(lookup(f"h{i}.blackhole.invalid", 443)) for i in range(12)]
+        await asyncio.sleep(0.1)
+        probe = time.perf_counter()
+        await loop.run_in_executor(None, lambda: None)  # the default executor is free
+        assert time.perf_counter() - probe < 0.05
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        assert all(isinstance(r, OSError) and "cannot resolve" in str(r) for r in results)
+        assert time.perf_counter() - started < 1.5  # the lookup's deadline, not the fetch's
+    finally:
+        hole.close()
+
+
+def test_every_job_has_its_share_of_connections():
+    limits = FetchLimits.from_settings(
+        load_worker_settings({"MAX_CONCURRENCY": "32", "MAX_IMAGES_PER_JOB": "4"})
+    )
+    assert limits.max_connections == 128
+    assert FetchLimits.from_settings(load_worker_settings({})).max_connections == 64

@@ -28,7 +28,7 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -70,6 +70,9 @@ class FetchLimits:
     allowed_domains: tuple[str, ...] = ()
     allow_private: bool = False
     max_redirects: int = MAX_REDIRECTS
+    #: Connections open at once: every job's share (its images and videos) at full
+    #: concurrency, so slow hosts of a few jobs cannot take the others' connections.
+    max_connections: int = 64
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> FetchLimits:
@@ -78,6 +81,11 @@ class FetchLimits:
             timeout=settings.image_fetch_timeout,
             allowed_domains=tuple(settings.allowed_image_domains or ()),
             allow_private=settings.allow_private_image_urls,
+            max_connections=max(
+                64,
+                settings.max_concurrency
+                * (settings.max_images_per_job + settings.max_videos_per_job),
+            ),
         )
 
 
@@ -130,11 +138,51 @@ def video_kind(max_bytes: int) -> MediaKind:
     )
 
 
-async def system_lookup(host: str, port: int) -> list[str]:
-    """The system resolver (getaddrinfo in a thread), both address families."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
+#: Most seconds one host name lookup may take, whatever the fetch's own deadline: a name
+#: whose DNS server never answers fails here, not at IMAGE_FETCH_TIMEOUT.
+LOOKUP_TIMEOUT_S = 5.0
+
+
+class AsyncLookup:
+    """Host names resolved by c-ares (aiodns) on the event loop, both address families.
+
+    Why not the system resolver: ``getaddrinfo`` blocks a thread of the loop's default
+    executor for the whole DNS timeout; a few black-holed names took every thread, and
+    unrelated fetches (and everything else using that executor) waited behind them. c-ares
+    answers asynchronously (``/etc/hosts`` included), so a name that never resolves costs
+    a timer, not a thread; its own timeout is shorter than the fetch's.
+    """
+
+    def __init__(self, timeout: float, nameservers: Sequence[str] | None = None) -> None:
+        self.timeout = timeout
+        self.nameservers = list(nameservers) if nameservers else None
+        self._resolvers: dict[int, Any] = {}
+
+    def _resolver(self) -> Any:
+        import aiodns
+
+        loop = asyncio.get_running_loop()  # a resolver belongs to the loop it was made on
+        resolver = self._resolvers.get(id(loop))
+        if resolver is None:
+            resolver = aiodns.DNSResolver(
+                nameservers=self.nameservers, loop=loop, timeout=self.timeout / 2, tries=2
+            )
+            self._resolvers[id(loop)] = resolver
+        return resolver
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        import aiodns
+
+        lookup = self._resolver().getaddrinfo(host, port=port, type=socket.SOCK_STREAM)
+        try:
+            result = await asyncio.wait_for(lookup, self.timeout)
+        except (aiodns.error.DNSError, asyncio.TimeoutError) as exc:
+            raise OSError(f"cannot resolve {host!r}: {exc}") from None
+        addresses = []
+        for node in result.nodes:
+            address = node.addr[0]
+            addresses.append(address.decode() if isinstance(address, bytes) else str(address))
+        return addresses
 
 
 class ResolveRefused(OSError):
@@ -215,7 +263,11 @@ class ImageFetcher:
             trusted=tuple(ipaddress.ip_network(n) for n in trusted_networks),
         )
         self.domains = DomainAllowList.parse(limits.allowed_domains)
-        self._lookup = lookup or system_lookup
+        if lookup is None:
+            import aiodns  # noqa: F401  (a missing c-ares fails the start, not each fetch)
+
+            lookup = AsyncLookup(min(LOOKUP_TIMEOUT_S, limits.timeout / 2))
+        self._lookup = lookup
         self._sessions: dict[int, aiohttp.ClientSession] = {}
 
     def _session(self) -> aiohttp.ClientSession:
@@ -230,7 +282,7 @@ class ImageFetcher:
                     "Accept-Encoding": "identity",
                 },
                 connector=aiohttp.TCPConnector(
-                    limit=64,
+                    limit=self.limits.max_connections,
                     ttl_dns_cache=60,  # caches filtered answers only
                     resolver=GuardedResolver(self.policy, self._lookup),
                 ),
