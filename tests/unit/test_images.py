@@ -897,3 +897,45 @@ def test_4k_screenshot_takes_the_fast_path_and_keeps_the_processors_pixels(
     prepared = prepare(data, image_processor, geometry)
     assert prepared.resized_size == (1316, 728)
     assert_same_model_input(image_processor, Image.open(io.BytesIO(data)), prepared)
+
+
+# ----------------------------------------------- declared work beyond the file's size
+def tiled_tiff(width: int, height: int, tile_w: int, tile_h: int, data: int = 16) -> bytes:
+    """A minimal little-endian grey TIFF with one tile of the given size and ``data``
+    bytes of tile data (a bomb's header promises far more than it carries)."""
+    entries = [
+        (256, 3, width), (257, 3, height), (258, 3, 8), (259, 3, 1), (262, 3, 1),
+        (277, 3, 1), (322, 4, tile_w), (323, 4, tile_h), (324, 4, 0), (325, 4, data),
+    ]  # fmt: skip
+    data_at = 8 + 2 + len(entries) * 12 + 4
+    out = b"II*\x00" + struct.pack("<IH", 8, len(entries))
+    for tag, kind, value in entries:
+        value = data_at if tag == 324 else value
+        out += (
+            struct.pack("<HHIHH", tag, kind, 1, value, 0)
+            if kind == 3
+            else struct.pack("<HHII", tag, kind, 1, value)
+        )
+    return out + struct.pack("<I", 0) + bytes(data)
+
+
+def test_a_tiff_whose_tile_dwarfs_the_image_is_refused_before_decoding():
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="TIFF tiles are 32768x32768 for a 16x16 image"):
+        decode_pixels(tiled_tiff(16, 16, 32768, 32768), FIELD, MAX_SOURCE)
+    assert time.perf_counter() - started < 0.1  # no gigabyte tile was allocated
+    # an ordinary tiled TIFF (256x256 tiles over a small image) is read as before
+    pixels, fmt = decode_pixels(tiled_tiff(16, 16, 256, 256, 256 * 256), FIELD, MAX_SOURCE)
+    assert fmt == "TIFF" and pixel_size(pixels) == (16, 16)
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding():
+    progressive = encode(textured(64, 64, seed=3), "JPEG", progressive=True)
+    assert 1 < progressive.count(b"\xff\xda") <= 64
+    decode_pixels(progressive, FIELD, MAX_SOURCE)  # a real progressive JPEG decodes
+    empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"
+    bomb = progressive[:-2] + empty_scan * 2000 + b"\xff\xd9"
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="JPEG has 2010 scans, above the 64"):
+        decode_pixels(bomb, FIELD, MAX_SOURCE)
+    assert time.perf_counter() - started < 0.05

@@ -215,7 +215,42 @@ def read_header(data: bytes, field: str, max_source_pixels: int) -> Image.Image:
             f"MAX_IMAGE_SOURCE_PIXELS={max_source_pixels}",
             field=field,
         )
+    check_declared_work(img, data, field)
     return img
+
+
+#: Most scans a JPEG may have. A progressive JPEG's encoder writes about ten; each scan
+#: makes libjpeg walk the whole image again, so thousands of (empty) scans in a small file
+#: cost seconds of CPU while the header passes every size check.
+MAX_JPEG_SCANS = 64
+#: A TIFF tile may be larger than the image (encoders use 256x256 tiles even for icons),
+#: but libtiff allocates whole tiles: one far larger than the image is a memory bomb.
+MAX_TIFF_TILE_PIXELS = 4096 * 4096
+
+
+def check_declared_work(img: Image.Image, data: bytes, field: str) -> None:
+    """Refuse, before decoding, a file whose structure declares far more work than its
+    size: the pixel guard above reads only the image size."""
+    if img.format == "JPEG":
+        scans = data.count(b"\xff\xda")  # SOS markers; 0xFF in scan data is stuffed
+        if scans > MAX_JPEG_SCANS:
+            raise ImageDecodeError(
+                f"JPEG has {scans} scans, above the {MAX_JPEG_SCANS} any encoder writes "
+                "(each scan decodes the whole image again)",
+                field=field,
+            )
+    elif img.format == "TIFF":
+        tags = getattr(img, "tag_v2", {})
+        tile_w, tile_h = tags.get(322), tags.get(323)  # TileWidth, TileLength
+        if tile_w is not None and tile_h is not None:
+            width, height = img.size
+            limit = max(MAX_TIFF_TILE_PIXELS, 4 * width * height)
+            if int(tile_w) * int(tile_h) > limit:
+                raise ImageDecodeError(
+                    f"TIFF tiles are {tile_w}x{tile_h} for a {width}x{height} image, above "
+                    f"{limit} pixels per tile (the decoder would allocate whole tiles)",
+                    field=field,
+                )
 
 
 def open_image(data: bytes, field: str, max_source_pixels: int) -> tuple[Image.Image, str]:
