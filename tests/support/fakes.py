@@ -91,8 +91,16 @@ def scripted_info(
 CRASH_MARKER = "data:image/png;base64,Q1JBU0g="
 
 
+#: A source that makes ``crash_on_marker`` spin, as a decoder stuck on a bomb would.
+HANG_MARKER = "data:image/png;base64,SEFORw=="
+
+
 def crash_on_marker(source: str | bytes, **kwargs: Any) -> PreparedImage:
-    """``prepare_source``, except that one marked source kills the worker process."""
+    """``prepare_source``, except that one marked source kills the worker process and
+    another never finishes (burning CPU, as a scan bomb does)."""
     if source == CRASH_MARKER:
         os._exit(3)
+    if source == HANG_MARKER:
+        while True:
+            pass
     return prepare_source(source, **kwargs)

@@ -14,6 +14,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -24,7 +25,7 @@ from support.jobs import data_uri, encode, screenshot
 from vlm_worker.config.settings import WorkerSettings
 from vlm_worker.contract.errors import ImageDecodeError, InvalidInput, PromptTooLong, WorkerError
 from vlm_worker.media.geometry import ImageGeometry
-from vlm_worker.media.images import ImageLimits, prepare_source
+from vlm_worker.media.images import ImageLimits, PreparedImage, prepare_source
 from vlm_worker.pipeline.image_pool import ImagePool, default_processes, image_pool, torch_threads
 
 GEOMETRY = ImageGeometry(max_pixels=1003520)
@@ -412,3 +413,33 @@ def test_image_processes_exit_when_the_worker_is_killed(tmp_path):
     if alive:
         child.kill()
     assert gone, "the image process outlived its killed worker"
+
+
+def test_a_decode_past_its_deadline_is_stopped_and_the_others_carry_on(processor):
+    """A decoder that never returns (a scan bomb, say): its process is killed at
+    IMAGE_DECODE_TIMEOUT, the job fails by name, and a job queued behind it in the same
+    pool still gets its image (retried alone, as after a crash)."""
+    from support.fakes import HANG_MARKER
+
+    workers = ImagePool(processes=1, threads=None, fn=crash_on_marker, decode_timeout=1.0)
+    workers.spawn()
+    workers.start(GEOMETRY, processor.image_processor)
+    try:
+        (stuck_pid,) = workers.pids()
+
+        async def both() -> list[Any]:
+            kwargs = {"geometry": GEOMETRY, "processor": processor.image_processor}
+            hang = workers.prepare(HANG_MARKER, field="messages[0]", limits=LIMITS, **kwargs)
+            good = workers.prepare(data_uri(), field="messages[1]", limits=LIMITS, **kwargs)
+            return await asyncio.gather(hang, good, return_exceptions=True)
+
+        started = time.monotonic()
+        stuck, good = asyncio.run(both())
+        assert isinstance(stuck, ImageDecodeError) and stuck.field == "messages[0]"
+        assert "IMAGE_DECODE_TIMEOUT=1s" in stuck.message
+        assert isinstance(good, PreparedImage), good
+        assert time.monotonic() - started < 60  # the deadline, then one solo process start
+        assert not psutil.pid_exists(stuck_pid) and workers.restarts == 1
+        assert not list(Path("/dev/shm").glob(f"vlm-worker-claim-{os.getpid()}-*"))
+    finally:
+        workers.shutdown()

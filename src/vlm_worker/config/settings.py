@@ -216,6 +216,14 @@ class WorkerSettings:
         minimum=1,
         maximum=178_956_970,  # Pillow refuses anything larger outright
     )
+    image_decode_timeout: float | None = _setting(
+        30.0,
+        "Seconds one image (or video) may take to decode and resize in an image process; "
+        "past it the process is killed, the job fails with `image_decode` and the process "
+        "is replaced. Threads (PREPROCESS_PROCESSES=0, a job alone) cannot be stopped.",
+        category="Images",
+        minimum=0.1,
+    )
     image_fetch_timeout: float = _setting(
         15.0,
         "Seconds allowed to fetch one image URL: DNS, connects, every redirect and the body.",

@@ -29,9 +29,11 @@ import functools
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -151,6 +153,13 @@ def _pid() -> int:
     return os.getpid()
 
 
+def _claimed(call_id: str, work: Callable[[], Any]) -> Any:
+    """Runs in an image process: ``work`` under a claim naming this process and the time,
+    so the worker can stop it at its deadline (``pixel_files.claim``)."""
+    with pixel_files.claim(call_id):
+        return work()
+
+
 def _in_process(
     fn: PrepareFn, source: str | bytes | pixel_files.IncomingSource, ship: bool, **kwargs: Any
 ) -> PreparedImage:
@@ -210,8 +219,12 @@ class ImagePool:
         threads_when_alone: bool = True,
         owns_threads: bool = False,
         hooks: PipelineHooks = NO_HOOKS,
+        decode_timeout: float | None = None,
     ) -> None:
         self.processes = processes
+        #: Seconds one call may run in an image process (IMAGE_DECODE_TIMEOUT); None: no
+        #: limit. Threads cannot be stopped, so calls in threads have none.
+        self.decode_timeout = decode_timeout
         self.hooks = hooks
         self.threads = threads
         self._owns_threads = owns_threads
@@ -312,11 +325,10 @@ class ImagePool:
         return await self._in_pool(work, field, "video")
 
     async def _in_pool(self, work: Callable[[], Any], field: str, what: str = "image") -> Any:
-        loop = asyncio.get_running_loop()
         pool = self._pool
         assert pool is not None
         try:
-            return await loop.run_in_executor(pool, work)
+            return await self._run(pool, work, field, what)
         except BrokenProcessPool:
             self._replace(pool)
         # Every job in a broken pool fails, not only the one whose image killed it; each
@@ -324,7 +336,7 @@ class ImagePool:
         log.warning(f"image worker process died; retrying the {what} alone", extra={"field": field})
         solo = self._new_pool(1)
         try:
-            return await loop.run_in_executor(solo, work)
+            return await self._run(solo, work, field, what)
         except BrokenProcessPool:
             error = VideoDecodeError if what == "video" else ImageDecodeError
             raise error(
@@ -333,6 +345,45 @@ class ImagePool:
             ) from None
         finally:
             solo.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(
+        self, pool: ProcessPoolExecutor, work: Callable[[], Any], field: str, what: str
+    ) -> Any:
+        """``work`` in ``pool``; past ``decode_timeout`` from when a process took it (not
+        from when it was queued), that process is killed and the call fails by name. The
+        pool breaks with it: its other calls are retried alone (``_in_pool``)."""
+        loop = asyncio.get_running_loop()
+        call_id = uuid.uuid4().hex
+        future = loop.run_in_executor(pool, functools.partial(_claimed, call_id, work))
+        try:
+            if self.decode_timeout is None:
+                return await future
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=self.decode_timeout / 4)
+                if done:
+                    return future.result()
+                claim = pixel_files.claimed(call_id)
+                if claim is None or time.time() - claim[1] <= self.decode_timeout:
+                    continue
+                pid = claim[0]
+                if pid in pool_pids(pool):  # a process of this pool, never another
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                future.cancel()
+                if pool is self._pool:
+                    self._replace(pool)
+                log.warning(
+                    f"image decode deadline passed; its process was killed ({what})",
+                    extra={"field": field, "pid": pid, "seconds": self.decode_timeout},
+                )
+                error = VideoDecodeError if what == "video" else ImageDecodeError
+                raise error(
+                    f"decoding the {what} took longer than IMAGE_DECODE_TIMEOUT="
+                    f"{self.decode_timeout:g}s; its decoder was stopped",
+                    field=field,
+                )
+        finally:
+            pixel_files.unclaim(call_id)
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         """A new pool, once per breakage however many jobs noticed it."""
@@ -364,4 +415,10 @@ def image_pool(settings: Any, hooks: PipelineHooks = NO_HOOKS) -> ImagePool:
     if processes is None:
         processes = default_processes()
     threads = image_threads(thread_count(settings))
-    return ImagePool(processes=processes, threads=threads, owns_threads=True, hooks=hooks)
+    return ImagePool(
+        processes=processes,
+        threads=threads,
+        owns_threads=True,
+        hooks=hooks,
+        decode_timeout=settings.image_decode_timeout,
+    )

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,8 @@ from vlm_worker.adapters.cpython import ascii_view
 SHM_DIR = Path("/dev/shm")
 PREFIX = "vlm-worker-pixels-"
 SOURCE_PREFIX = "vlm-worker-source-"
+#: A call's claim: which image process runs it, and since when (``claim``).
+CLAIM_PREFIX = "vlm-worker-claim-"
 #: In an image process: its worker's pid, set when the process starts. Files are named
 #: after it rather than after the current parent, which is another process once the
 #: worker has died: a file written in that moment still names its dead owner, and
@@ -189,11 +192,47 @@ def _write_new(path: Path, data: memoryview) -> None:
         raise
 
 
+def _claim_path(call_id: str, owner: int, directory: Path) -> Path:
+    return directory / f"{CLAIM_PREFIX}{owner}-{call_id}"
+
+
+@contextlib.contextmanager
+def claim(call_id: str, directory: Path = SHM_DIR) -> Iterator[None]:
+    """In an image process, around one call: who runs it and since when, for the worker's
+    decode deadline (``ImagePool``). Files, not the pool's pipes: the worker must read
+    them while the process is stuck in a decoder, holding nothing it could answer with."""
+    owner = owner_pid or os.getppid()
+    path = _claim_path(call_id, owner, directory)
+    with contextlib.suppress(OSError):
+        path.write_text(f"{os.getpid()} {time.time()}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def claimed(call_id: str, directory: Path = SHM_DIR) -> tuple[int, float] | None:
+    """In the worker: ``(pid, started)`` of the process running ``call_id``, if it has
+    started (and the claim could be written)."""
+    try:
+        pid, started = _claim_path(call_id, os.getpid(), directory).read_text().split()
+        return int(pid), float(started)
+    except (OSError, ValueError):
+        return None
+
+
+def unclaim(call_id: str, directory: Path = SHM_DIR) -> None:
+    """The worker's side: a process killed mid-call leaves its claim behind."""
+    with contextlib.suppress(OSError):
+        _claim_path(call_id, os.getpid(), directory).unlink()
+
+
 def sweep(directory: Path = SHM_DIR) -> int:
     """Remove the files of worker processes that no longer run; returns how many."""
     removed = 0
     with contextlib.suppress(OSError):
-        for prefix in (PREFIX, SOURCE_PREFIX):
+        for prefix in (PREFIX, SOURCE_PREFIX, CLAIM_PREFIX):
             for path in directory.glob(f"{prefix}*"):
                 owner = path.name[len(prefix) :].split("-", 1)[0]
                 if owner.isdigit() and not _alive(int(owner)):
