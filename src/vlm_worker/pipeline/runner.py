@@ -273,8 +273,8 @@ class JobRunner:
                 f"the job has {len(sources)} images; MAX_IMAGES_PER_JOB is {limit}",
                 field=sources[limit][0],
             )
-        # A grounding job's image is resized with GTA1's bounds, and vLLM's processor is
-        # told the same ones, so the size its prompt states is the size the model sees.
+        # A grounding job's image is resized with its style's bounds, and vLLM's processor
+        # is told the same ones, so the size its prompt states is the size the model sees.
         bounds = self._grounding_bounds() if job.task == "grounding" else None
         geometry = bounds.geometry if bounds else self._job_geometry(job)
         video_sources = self._check_videos(job)
