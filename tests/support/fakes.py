@@ -93,6 +93,10 @@ CRASH_MARKER = "data:image/png;base64,Q1JBU0g="
 
 #: A source that makes ``crash_on_marker`` spin, as a decoder stuck on a bomb would.
 HANG_MARKER = "data:image/png;base64,SEFORw=="
+#: Sources whose pixels are shipped and then lost (the file removed), or shipped just
+#: before the process dies: the worker must cope with both.
+LOST_PIXELS_MARKER = "data:image/png;base64,TE9TVA=="
+SHIP_AND_DIE_MARKER = "data:image/png;base64,RElF"
 
 
 def crash_on_marker(source: str | bytes, **kwargs: Any) -> PreparedImage:
@@ -103,4 +107,24 @@ def crash_on_marker(source: str | bytes, **kwargs: Any) -> PreparedImage:
     if source == HANG_MARKER:
         while True:
             pass
+    if source in (LOST_PIXELS_MARKER, SHIP_AND_DIE_MARKER):
+        import dataclasses
+
+        from PIL import Image
+
+        from vlm_worker.pipeline import pixel_files
+
+        shipped = pixel_files.ship(Image.new("RGB", (64, 32), (1, 2, 3)))
+        if source == SHIP_AND_DIE_MARKER:
+            os._exit(3)  # the file is written, its result never sent
+        os.unlink(shipped.path)  # type: ignore[union-attr]
+        ok = prepare_source(SMALL_PNG_URI, **kwargs)
+        return dataclasses.replace(ok, image=shipped)  # type: ignore[arg-type]
     return prepare_source(source, **kwargs)
+
+
+#: A 2x2 PNG, so the fakes need no image helpers of the tests.
+SMALL_PNG_URI = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP8"
+    "z8DAwMDAxMDAwMDAAAANHQEDasKb6QAAAABJRU5ErkJggg=="
+)

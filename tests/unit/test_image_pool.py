@@ -443,3 +443,38 @@ def test_a_decode_past_its_deadline_is_stopped_and_the_others_carry_on(processor
         assert not list(Path("/dev/shm").glob(f"vlm-worker-claim-{os.getpid()}-*"))
     finally:
         workers.shutdown()
+
+
+def test_a_pixel_file_that_cannot_be_read_fails_its_own_job_only(pool, processor):
+    from support.fakes import LOST_PIXELS_MARKER
+
+    restarts = pool.restarts
+    with pytest.raises(ImageDecodeError, match="pixels could not be read back") as lost:
+        prepare(pool, processor, LOST_PIXELS_MARKER, field="messages[0].content[2]")
+    assert lost.value.field == "messages[0].content[2]"
+    assert pool.restarts == restarts  # the pool did not break: other jobs were untouched
+    assert prepare(pool, processor, data_uri()).image.size == (308, 196)
+
+
+def test_files_of_a_call_whose_process_died_are_removed(pool, processor):
+    from support.fakes import SHIP_AND_DIE_MARKER
+
+    with pytest.raises(ImageDecodeError, match="crashed the image worker process"):
+        prepare(pool, processor, SHIP_AND_DIE_MARKER)
+    assert not list(Path("/dev/shm").glob(f"vlm-worker-pixels-{os.getpid()}-*"))
+    assert not list(Path("/dev/shm").glob(f"vlm-worker-claim-{os.getpid()}-*"))
+
+
+def test_a_running_worker_sweeps_its_own_stale_files(tmp_path):
+    from vlm_worker.pipeline import pixel_files
+
+    me = os.getpid()
+    old = tmp_path / f"{pixel_files.PREFIX}{me}-abc"
+    fresh = tmp_path / f"{pixel_files.SOURCE_PREFIX}{me}-def"
+    other = tmp_path / f"{pixel_files.PREFIX}1-ghi"  # another worker's: not ours to judge
+    for path in (old, fresh, other):
+        path.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    os.utime(other, (time.time() - 3600, time.time() - 3600))
+    assert pixel_files.sweep_stale(tmp_path, older_than=600) == 1
+    assert not old.exists() and fresh.exists() and other.exists()

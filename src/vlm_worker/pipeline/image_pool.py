@@ -39,6 +39,8 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
 from vlm_worker.adapters.cpython import pool_pids
 from vlm_worker.adapters.transformers import warm_imports
 from vlm_worker.contract.errors import ImageDecodeError, VideoDecodeError
@@ -153,6 +155,22 @@ def _pid() -> int:
     return os.getpid()
 
 
+#: How often a running worker sweeps its own stale files out of ``/dev/shm``.
+SWEEP_EVERY_S = 60.0
+
+
+def _checked(result: Any, field: str, what: str) -> Any:
+    """A result whose pixel file could not be read fails its own job, by name."""
+    if isinstance(getattr(result, "image", None), pixel_files.UnreadPixels):
+        error = VideoDecodeError if what == "video" else ImageDecodeError
+        raise error(
+            f"the {what}'s pixels could not be read back from its image process "
+            f"({result.image.reason})",
+            field=field,
+        )
+    return result
+
+
 def _claimed(call_id: str, work: Callable[[], Any]) -> Any:
     """Runs in an image process: ``work`` under a claim naming this process and the time,
     so the worker can stop it at its deadline (``pixel_files.claim``)."""
@@ -168,7 +186,7 @@ def _in_process(
     if isinstance(source, pixel_files.IncomingSource):
         source = source.read()
     prepared = fn(source, **kwargs)
-    if not ship:
+    if not ship or not isinstance(prepared.image, Image.Image):
         return prepared
     return dataclasses.replace(prepared, image=pixel_files.ship(prepared.image))
 
@@ -241,6 +259,7 @@ class ImagePool:
         self._pool: ProcessPoolExecutor | None = self._new_pool() if processes else None
         self._spawned: list[Any] = []
         self.restarts = 0
+        self._swept = time.monotonic()
 
     @property
     def mode(self) -> str:
@@ -354,14 +373,17 @@ class ImagePool:
         pool breaks with it: its other calls are retried alone (``_in_pool``)."""
         loop = asyncio.get_running_loop()
         call_id = uuid.uuid4().hex
+        if time.monotonic() - self._swept > SWEEP_EVERY_S:
+            self._swept = time.monotonic()
+            pixel_files.sweep_stale()
         future = loop.run_in_executor(pool, functools.partial(_claimed, call_id, work))
         try:
             if self.decode_timeout is None:
-                return await future
+                return _checked(await future, field, what)
             while True:
                 done, _ = await asyncio.wait({future}, timeout=self.decode_timeout / 4)
                 if done:
-                    return future.result()
+                    return _checked(future.result(), field, what)
                 claim = pixel_files.claimed(call_id)
                 if claim is None or time.time() - claim[1] <= self.decode_timeout:
                     continue

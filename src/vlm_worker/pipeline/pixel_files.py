@@ -52,6 +52,12 @@ CLAIM_PREFIX = "vlm-worker-claim-"
 #: worker has died: a file written in that moment still names its dead owner, and
 #: ``sweep`` removes it (one named after pid 1 would stay until the machine restarts).
 owner_pid: int | None = None
+#: In an image process: the call it is working on (``claim``), so the files it writes
+#: carry the call's id and the worker can remove them if the call never returns.
+current_call: str | None = None
+#: Files of this worker older than this are swept while it runs (``sweep_stale``): a
+#: call's files are read within seconds, or their call has failed.
+STALE_AFTER_S = 600.0
 #: Smaller sources go through the pipe: a file costs more than pickling them.
 SOURCE_MIN_BYTES = 256 << 10
 
@@ -73,7 +79,8 @@ def ship(img: Image.Image, directory: Path = SHM_DIR) -> Image.Image | ShippedPi
     if not directory.is_dir():
         return img
     # The worker process is this process's parent: its pid names the file's owner.
-    path = directory / f"{PREFIX}{owner_pid or os.getppid()}-{uuid.uuid4().hex}"
+    call = f"{current_call}-" if current_call else ""
+    path = directory / f"{PREFIX}{owner_pid or os.getppid()}-{call}{uuid.uuid4().hex}"
     try:
         _write_new(path, memoryview(img.tobytes()))
     except OSError:  # no room (ENOSPC), not writable: the pipe still works
@@ -81,15 +88,26 @@ def ship(img: Image.Image, directory: Path = SHM_DIR) -> Image.Image | ShippedPi
     return ShippedPixels(str(path), img.mode, img.size)
 
 
-def receive(path: str, mode: str, size: tuple[int, int]) -> Image.Image:
+class UnreadPixels:
+    """What ``receive`` gives when a pixel file cannot be read: raising there, inside the
+    pool's result thread, would break the pool and fail every job in it; this fails the
+    one job whose pixels they were (``ImagePool`` checks)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def receive(path: str, mode: str, size: tuple[int, int]) -> Image.Image | UnreadPixels:
     """In the worker process, while unpickling a result: read the pixels, remove the file."""
     try:
         with open(path, "rb", buffering=0) as f:
             data = f.read()
+        return Image.frombytes(mode, size, data)
+    except (OSError, ValueError) as exc:
+        return UnreadPixels(f"{type(exc).__name__}: {exc}")
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
-    return Image.frombytes(mode, size, data)
 
 
 class IncomingSource:
@@ -201,13 +219,16 @@ def claim(call_id: str, directory: Path = SHM_DIR) -> Iterator[None]:
     """In an image process, around one call: who runs it and since when, for the worker's
     decode deadline (``ImagePool``). Files, not the pool's pipes: the worker must read
     them while the process is stuck in a decoder, holding nothing it could answer with."""
+    global current_call
     owner = owner_pid or os.getppid()
     path = _claim_path(call_id, owner, directory)
     with contextlib.suppress(OSError):
         path.write_text(f"{os.getpid()} {time.time()}")
+    current_call = call_id
     try:
         yield
     finally:
+        current_call = None
         with contextlib.suppress(OSError):
             path.unlink()
 
@@ -223,9 +244,28 @@ def claimed(call_id: str, directory: Path = SHM_DIR) -> tuple[int, float] | None
 
 
 def unclaim(call_id: str, directory: Path = SHM_DIR) -> None:
-    """The worker's side: a process killed mid-call leaves its claim behind."""
+    """The worker's side, after a call: its claim, and pixel files it wrote that nobody
+    read (its process was killed, or the pool broke before the result came back)."""
     with contextlib.suppress(OSError):
         _claim_path(call_id, os.getpid(), directory).unlink()
+    with contextlib.suppress(OSError):
+        for path in directory.glob(f"{PREFIX}{os.getpid()}-{call_id}-*"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def sweep_stale(directory: Path = SHM_DIR, older_than: float = STALE_AFTER_S) -> int:
+    """Remove this worker's own files older than ``older_than`` seconds; returns how many.
+    ``sweep`` covers dead workers at start; this covers a long-running one."""
+    removed, now, me = 0, time.time(), str(os.getpid())
+    with contextlib.suppress(OSError):
+        for prefix in (PREFIX, SOURCE_PREFIX, CLAIM_PREFIX):
+            for path in directory.glob(f"{prefix}{me}-*"):
+                with contextlib.suppress(OSError):
+                    if now - path.stat().st_mtime > older_than:
+                        path.unlink()
+                        removed += 1
+    return removed
 
 
 def sweep(directory: Path = SHM_DIR) -> int:
