@@ -202,6 +202,14 @@ class WorkerSettings:
         category="Grounding",
         minimum=1,
     )
+    max_pixels_in_flight: int | None = _setting(
+        None,
+        "Most decoded image pixels in flight across jobs; an image that would pass it waits "
+        "for earlier ones (one larger than it runs alone). Unset: a quarter of the memory "
+        "available at start, at 10 bytes a pixel.",
+        category="Images",
+        minimum=1,
+    )
     max_image_bytes: int = _setting(
         20 * 1024 * 1024,
         "Largest encoded image accepted, in bytes (inline or fetched).",

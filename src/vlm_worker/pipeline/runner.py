@@ -16,6 +16,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vlm_worker.config.cpu_defaults import available_memory
 from vlm_worker.config.lora_modules import LoraAdapter
 from vlm_worker.config.settings import WorkerSettings
 from vlm_worker.contract.errors import (
@@ -34,6 +35,7 @@ from vlm_worker.media.images import ImageLimits, PreparedImage, is_url
 from vlm_worker.media.video import PreparedVideo
 from vlm_worker.pipeline.hooks import NO_HOOKS, PipelineHooks
 from vlm_worker.pipeline.image_pool import ImagePool
+from vlm_worker.pipeline.pixel_budget import PixelBudget, default_budget, header_pixels
 from vlm_worker.prompt import grounding, grounding_styles
 from vlm_worker.prompt.chat import (
     check_length,
@@ -168,6 +170,10 @@ class JobRunner:
         self.executor = executor
         self.images = images or ImagePool(processes=0, threads=executor, hooks=hooks)
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_source_pixels)
+        #: Decoded pixels in flight across jobs (MAX_PIXELS_IN_FLIGHT).
+        self.pixel_budget = PixelBudget(
+            settings.max_pixels_in_flight or default_budget(available_memory())
+        )
         self.fetcher = fetcher or ImageFetcher(FetchLimits.from_settings(settings))
         self.on_fatal = on_fatal
         self.policy = BatchPolicy(
@@ -421,15 +427,18 @@ class JobRunner:
         source = source.strip()  # the same str, uncopied, when there is nothing to strip
         fetched = await self.fetcher.fetch(source, field) if is_url(source) else None
         alone = self.in_flight <= 1 and self.preparing <= 1
-        started = time.perf_counter()
-        image = await self.images.prepare(
-            fetched if fetched is not None else source,
-            field=field,
-            geometry=geometry or info.geometry,
-            processor=info.image_processor,
-            limits=self.limits,
-            alone=alone,
-        )
+        data = fetched if fetched is not None else source
+        pixels = header_pixels(data, self.limits.max_source_pixels)
+        async with self.pixel_budget.hold(pixels):
+            started = time.perf_counter()
+            image = await self.images.prepare(
+                data,
+                field=field,
+                geometry=geometry or info.geometry,
+                processor=info.image_processor,
+                limits=self.limits,
+                alone=alone,
+            )
         self.hooks.image_prepared(started, time.perf_counter(), image, alone)
         return image
 
