@@ -143,3 +143,32 @@ def test_the_opencua_tokenizer_too(tmp_path):
     assert enc is not None
     for text in (probe, "plain words", "\u4fdd\u5b58 \U0001f642\n\n  x"):
         assert enc(text) == reference(tok, text)
+
+
+def test_a_million_characters_are_tokenized_without_holding_the_gil(tokenizer, encoder):
+    """A sleeper thread beside the encoder: ``Tokenizer.encode`` held the GIL for the whole
+    text (about 0.7 s on this machine: every stream stalled that long); the encoder the
+    worker uses lets other threads run, only the list of ids is built under the GIL."""
+    import threading
+    import time
+
+    text = "hello world, the quick brown fox " * 30_000
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def sleeper() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    time.sleep(0.02)
+    ids = encoder(text)
+    stop.set()
+    thread.join()
+    assert ids == tokenizer.encode(text, add_special_tokens=False)
+    assert max(gaps) < 0.25, f"a thread waited {max(gaps) * 1000:.0f} ms for the GIL"
