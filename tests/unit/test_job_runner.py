@@ -550,3 +550,51 @@ async def test_the_models_own_turns_and_raw_prompts_keep_their_tokens(info):
     assert "error" not in ok, ok
     (raw,) = await run(runner, {"prompt": "<|im_start|>user\nhi<|im_end|>", "stream": False})
     assert "error" not in raw, raw
+
+
+async def test_a_stream_keeps_its_pace_while_9_mb_of_text_is_refused(info):
+    """The running stream's largest gap between chunks stays under 50 ms while a job of
+    9 MB of text arrives and is refused (tokenizing it first held the GIL for seconds)."""
+    import itertools
+    import time
+
+    from vlm_worker.engine.deltas import Delta
+
+    class PacedEngine(ScriptedEngine):
+        async def generate(self, request):  # a token every 5 ms
+            self.requests.append(request)
+            for i in range(60):
+                await asyncio.sleep(0.005)
+                yield Delta(
+                    text="t",
+                    tokens=1,
+                    finished=i == 59,
+                    finish_reason="stop" if i == 59 else None,
+                    prompt_tokens=5,
+                )
+
+    runner = JobRunner(PacedEngine(info, []), load_worker_settings({"DEFAULT_BATCH_SIZE": "1"}))
+    arrivals: list[float] = []
+
+    async def stream() -> None:
+        async for _ in runner.run(
+            {"id": "s", "input": image_job(min_batch_size=1, max_batch_size=1)}
+        ):
+            arrivals.append(time.perf_counter())
+
+    async def huge() -> dict:
+        await asyncio.sleep(0.05)  # while the stream runs
+        text = "word " * 1_800_000
+        started = time.perf_counter()
+        (chunk,) = [
+            c
+            async for c in runner.run(
+                {"id": "h", "input": {"messages": [{"role": "user", "content": text}]}}
+            )
+        ]
+        return {"chunk": chunk, "seconds": time.perf_counter() - started}
+
+    _, refused = await asyncio.gather(stream(), huge())
+    assert refused["chunk"]["error"]["type"] == "invalid_input" and refused["seconds"] < 0.05
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert len(arrivals) > 30 and max(gaps) < 0.05, f"largest gap {max(gaps) * 1000:.0f} ms"
