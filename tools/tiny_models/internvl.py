@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tools.tiny_models import _common as c
-from tools.tiny_models.qwen2_vl import qwen_tokenizer
+from tools.tiny_models.qwen2_vl import QWEN25_ADDED_TOKENS, qwen_tokenizer
+from tools.tiny_models.qwen2_vl import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
 
 NAME = "internvl"
 ARCHITECTURE = "InternVLForConditionalGeneration"
@@ -21,28 +22,8 @@ VIDEO = True
 
 # Qwen2.5's special tokens (the decoder's vocabulary), then InternVL's added tokens in its order.
 SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
+    *QWEN_SPECIAL_TOKENS,
+    *QWEN25_ADDED_TOKENS,
     "<img>",
     "</img>",
     "<IMG_CONTEXT>",

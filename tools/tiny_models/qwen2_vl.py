@@ -16,7 +16,8 @@ NAME = "qwen2-vl"
 ARCHITECTURE = "Qwen2VLForConditionalGeneration"
 VIDEO = True
 
-# Qwen2-VL's special tokens in the order its vocabulary lists them (151643..151656).
+# Qwen2-VL's special tokens in the order its vocabulary lists them (151643..151656); the
+# Qwen-based families' vocabularies (Qwen3-VL, InternVL's Qwen2.5 decoder) start with them.
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -32,6 +33,17 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|vision_pad|>",
     "<|image_pad|>",
     "<|video_pad|>",
+)
+#: What Qwen2.5's vocabulary adds next (151657..151664), shared by Qwen3 and InternVL.
+QWEN25_ADDED_TOKENS: tuple[str, ...] = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 )
 
 # Qwen2-VL-Instruct's template: a default system prompt, and one vision span per image or video

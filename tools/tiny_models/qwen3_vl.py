@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tools.tiny_models import _common as c
-from tools.tiny_models.qwen2_vl import qwen_tokenizer
+from tools.tiny_models.qwen2_vl import QWEN25_ADDED_TOKENS, qwen_tokenizer
+from tools.tiny_models.qwen2_vl import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
 
 NAME = "qwen3-vl"
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
@@ -18,28 +19,8 @@ VIDEO = True
 
 # Qwen3's special and added tokens in vocabulary order (151643..151668).
 SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
+    *QWEN_SPECIAL_TOKENS,
+    *QWEN25_ADDED_TOKENS,
     "<tool_response>",
     "</tool_response>",
     "<think>",
