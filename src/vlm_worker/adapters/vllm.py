@@ -53,6 +53,19 @@ CHECKED_AGAINST = "0.26.0"
 _PROMPT_TOO_LONG = ("longer than the maximum model length", "max_model_len")
 
 
+def serving_usage_context() -> Any:
+    """``UsageContext.OPENAI_API_SERVER``: the context ``vllm serve`` starts its engine in.
+
+    Not a private name, but one whose effect is undocumented: vLLM sizes its scheduler
+    (``max_num_batched_tokens``, ``max_num_seqs``) by context and GPU, and
+    ``AsyncLLM.from_engine_args`` defaults to ``ENGINE_CONTEXT``, which gets the generic
+    2048 batched tokens where ``vllm serve`` gets 8192 on an H100/H200.
+    """
+    from vllm.usage.usage_lib import UsageContext
+
+    return UsageContext.OPENAI_API_SERVER
+
+
 def num_unfinished_requests(llm: Any) -> int:
     return int(llm.output_processor.get_num_unfinished_requests())
 

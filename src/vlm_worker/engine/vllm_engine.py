@@ -21,6 +21,7 @@ from vlm_worker.adapters.vllm import (
     engine_exception_types,
     is_prompt_too_long,
     num_unfinished_requests,
+    serving_usage_context,
     validation_parameter,
 )
 from vlm_worker.contract.errors import (
@@ -72,7 +73,12 @@ class VllmEngine:
         async def create() -> Any:
             from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-            return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_kwargs))
+            # `vllm serve`'s usage context, not the library default: vLLM picks its batch
+            # defaults (max_num_batched_tokens, max_num_seqs) by context, and the library
+            # one gives a large GPU a quarter of the server's prefill batch.
+            return AsyncLLMEngine.from_engine_args(
+                AsyncEngineArgs(**engine_kwargs), usage_context=serving_usage_context()
+            )
 
         try:
             llm = asyncio.run_coroutine_threadsafe(create(), loop).result()
