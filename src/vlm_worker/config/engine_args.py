@@ -21,6 +21,13 @@ from vlm_worker.contract.errors import ConfigError
 #: Engine fields set through the worker's own, more explicit, names.
 RENAMED = {"model": "MODEL_NAME", "revision": "MODEL_REVISION", "tokenizer": "TOKENIZER_NAME"}
 
+#: Engine fields whose variable is also a worker setting; the worker's meaning wins (the
+#: engine field cannot be set from the environment), for the reason given.
+SHARED_NAMES = {
+    "LOG_LEVEL": "the worker's own log level; vLLM's stays VLLM_LOGGING_LEVEL (vLLM 0.31 "
+    "added a log_level engine argument under the same name)",
+}
+
 #: Read by huggingface_hub itself; passing it through engine args would only add a place
 #: where a secret could be logged.
 NOT_FROM_ENV = frozenset({"hf_token"})

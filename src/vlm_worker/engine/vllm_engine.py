@@ -21,6 +21,7 @@ from vlm_worker.adapters.vllm import (
     engine_exception_types,
     is_prompt_too_long,
     num_unfinished_requests,
+    request_error_types,
     serving_usage_context,
     validation_parameter,
 )
@@ -248,7 +249,7 @@ def _sampling_params(values: dict[str, Any]) -> Any:
         if structured is not None:
             values["structured_outputs"] = StructuredOutputsParams(**structured)
         return SamplingParams(**values, output_kind=RequestOutputKind.DELTA)
-    except (ValueError, TypeError) as exc:
+    except (*request_error_types(), TypeError) as exc:
         raise InvalidInput(
             f"sampling parameters rejected by the engine: {exc}", field="sampling_params"
         ) from exc
@@ -353,7 +354,7 @@ def _translate(exc: BaseException, request: EngineRequest) -> BaseException:
         err: WorkerError = EngineDead("the engine died while generating; the worker is restarting")
     elif isinstance(exc, EngineGenerateError):
         err = EngineError(f"the engine failed this request: {exc}")
-    elif isinstance(exc, ValueError):
+    elif isinstance(exc, request_error_types()):
         parameter = validation_parameter(exc)
         structured = "structured_outputs" in request.sampling and any(
             word in str(exc).lower() for word in _STRUCTURED_WORDS

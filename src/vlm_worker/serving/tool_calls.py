@@ -25,6 +25,8 @@ from vlm_worker.adapters.vllm import (
     chat_request,
     is_named_tool_choice,
     new_tool_call_id,
+    request_error_types,
+    validation_parameter,
 )
 from vlm_worker.config.settings import WorkerSettings
 from vlm_worker.contract.errors import InvalidInput
@@ -73,6 +75,10 @@ class ToolCalls:
             field = ".".join(str(p) for p in error["loc"]) or "tool_choice"
             message = error["msg"].removeprefix("Value error, ")
             raise InvalidInput(f"{field}: {message}", field=field) from None
+        except request_error_types() as exc:  # vLLM 0.27+: its own error, not pydantic's
+            field = validation_parameter(exc) or "tool_choice"
+            message = str(exc).split(" (parameter=")[0]
+            raise InvalidInput(f"{field}: {message}", field=field) from None
         parser_cls = chat_parser_class(settings.tool_call_parser, settings.enable_auto_tool_choice)
         tool_parser = getattr(parser_cls, "tool_parser_cls", None)
         choice = request.tool_choice
@@ -92,7 +98,13 @@ class ToolCalls:
                 field="tool_choice",
             )
         if parser_cls is not None and choice != "none":
-            request = cls._parser(parser_cls, tokenizer, request).adjust_request(request=request)
+            try:
+                request = cls._parser(parser_cls, tokenizer, request).adjust_request(
+                    request=request
+                )
+            except request_error_types() as exc:
+                field = validation_parameter(exc) or "tools"
+                raise InvalidInput(f"{field}: {exc}", field=field) from None
         return cls(request, parser_cls, tokenizer, settings)
 
     @staticmethod
