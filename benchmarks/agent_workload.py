@@ -252,7 +252,10 @@ def start_worker(out: Path) -> Server:
 
 def start_serve(out: Path, kwargs: dict[str, Any]) -> Server:
     env = dict(os.environ)
+    from vlm_worker.adapters.vllm import serve_mm_kwargs_flags
+
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *vllm_cli_args(kwargs)]
+    cmd += serve_mm_kwargs_flags()  # the capped shape sends max_pixels per request
     return start("serve", cmd, env, out, "/health")
 
 
@@ -497,7 +500,10 @@ def summary_table(bursts: list[dict]) -> str:
 
             def med(key: str, cell: list[dict] = cell) -> str:
                 values = [b[key] for b in cell if b[key] is not None]
-                return f"{float(np.median(values)):.3g}" if values else "-"
+                if not values:
+                    return "-"
+                value = float(np.median(values))
+                return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
             ratio = ratios.get((shape, c, path))
             rtext = (

@@ -28,12 +28,16 @@ CLICK = {
     "required": ["x", "y"],
     "additionalProperties": False,
 }
+# strict: vLLM 0.27+ pins a tool's arguments to its schema only for a strict tool
+# (OpenAI's meaning; `vllm serve --tool-strict-level parameter` pins all), where 0.26 pinned
+# them always. Strict tools get the same constraint on every tested release.
 TOOLS = [
-    {"type": "function", "function": {"name": "click", "parameters": CLICK}},
+    {"type": "function", "function": {"name": "click", "parameters": CLICK, "strict": True}},
     {
         "type": "function",
         "function": {
             "name": "scroll",
+            "strict": True,
             "parameters": {
                 "type": "object",
                 "properties": {"down": {"type": "boolean"}},

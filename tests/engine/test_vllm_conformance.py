@@ -22,6 +22,7 @@ import pytest
 
 from support.jobs import collect, data_uri, screenshot
 from support.server import ROOT
+from vlm_worker.adapters.vllm import serve_mm_kwargs_flags
 
 pytestmark = pytest.mark.engine
 
@@ -53,6 +54,9 @@ def engine_cli(env: dict[str, str], model: str) -> list[str]:
         "--enable-auto-tool-choice",
         "--tool-call-parser",
         "hermes",
+        # 0.31+: per-request mm_processor_kwargs only with this flag (the worker takes
+        # them within its pixel bounds, so the comparison needs the server to as well)
+        *serve_mm_kwargs_flags(),
     ]
 
 
@@ -99,8 +103,11 @@ def vllm_answer(base: str, body: dict[str, Any], route: str = "/v1/chat/completi
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        raw = resp.read().decode()
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            raw = resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"vllm serve answered {exc.code}: {exc.read().decode()}") from None
     if not body.get("stream"):
         return json.loads(raw)
     return [
@@ -190,11 +197,13 @@ def image_messages() -> list[dict[str, Any]]:
 
 
 TEXT = [{"role": "user", "content": "Say something about screens."}]
+# strict: see test_tool_calls.TOOLS (vLLM 0.27+ pins arguments only for strict tools).
 TOOLS = [
     {
         "type": "function",
         "function": {
             "name": "click",
+            "strict": True,
             "description": "Click a point on the screen.",
             "parameters": {
                 "type": "object",
@@ -211,6 +220,7 @@ TOOLS = [
         "type": "function",
         "function": {
             "name": "type_text",
+            "strict": True,
             "parameters": {
                 "type": "object",
                 "properties": {"text": {"type": "string", "maxLength": 12}},

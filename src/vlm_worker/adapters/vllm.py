@@ -63,6 +63,13 @@ MOVED = {
     # OpenCVVideoBackendMixin: vllm.multimodal.video up to 0.28, then
     # vllm.multimodal.video_decoders.opencv.
     "opencv_mixin_module": "0.29.0",
+    # vllm serve streams a tool call cut short by max_tokens with finish_reason "length";
+    # up to 0.30 it said "tool_calls" for any streamed call (not a name: a behaviour the
+    # OpenAI route copies).
+    "streamed_tool_call_keeps_length": "0.31.0",
+    # vllm serve refuses per-request mm_processor_kwargs unless started with
+    # --trust-request-mm-kwargs (the worker takes them within its own pixel bounds).
+    "request_mm_kwargs_flag": "0.31.0",
 }
 
 
@@ -118,6 +125,18 @@ def untested_release(version: str | None = None) -> str | None:
         f"{CHECKED_AGAINST[-1]}, or test that release first (make test-latest "
         f"VLLM_LATEST={shown}) and add it to CHECKED_AGAINST"
     )
+
+
+def streamed_tool_call_keeps_length() -> bool:
+    """Whether ``vllm serve`` ends a streamed tool call that hit ``max_tokens`` with
+    "length" (0.31+) rather than "tool_calls"."""
+    return _since("streamed_tool_call_keeps_length")
+
+
+def serve_mm_kwargs_flags() -> list[str]:
+    """The ``vllm serve`` flags that let a request carry ``mm_processor_kwargs``, as the
+    worker's route does (for comparisons with the server: tests and benchmarks)."""
+    return ["--trust-request-mm-kwargs"] if _since("request_mm_kwargs_flag") else []
 
 
 def _since(change: str) -> bool:

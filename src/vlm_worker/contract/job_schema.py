@@ -321,7 +321,8 @@ class Job(BaseModel):
     model: NonEmptyStr | None = None
     #: Function definitions the chat template shows the model (OpenAI's ``tools``).
     tools: list[dict[str, Any]] | None = Field(None, min_length=1, max_length=128)
-    #: Each chunk carries its ``token_ids`` (and each choice in a whole answer).
+    #: Each chunk carries its ``token_ids`` (and each choice in a whole answer), and the
+    #: last one the ``prompt_token_ids`` vLLM expanded the prompt to.
     return_token_ids: bool = False
     #: This job's image resize bounds, within the worker's (``IMAGE_MIN/MAX_PIXELS``).
     mm_processor_kwargs: ProcessorOptions | None = None

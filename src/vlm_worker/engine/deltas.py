@@ -30,6 +30,10 @@ class Delta:
     index: int = 0
     #: The generated token ids, when the request asked for them.
     token_ids: list[int] | None = None
+    #: The prompt's token ids as vLLM expanded them (image placeholders included), once,
+    #: when the request asked for token ids: what ``vllm serve`` returns for
+    #: ``return_token_ids``.
+    prompt_token_ids: list[int] | None = None
 
     @property
     def done(self) -> bool:
@@ -38,6 +42,7 @@ class Delta:
 
     def merge(self, other: Delta) -> None:
         self.prompt_logprobs = self.prompt_logprobs or other.prompt_logprobs
+        self.prompt_token_ids = self.prompt_token_ids or other.prompt_token_ids
         if other.token_ids is not None:
             if self.token_ids is None:
                 self.token_ids = list(other.token_ids)

@@ -280,6 +280,8 @@ def _deltas(
             delta.logprobs = token_logprobs(completion.token_ids, completion.logprobs, decode)
         if token_ids and completion is not None:
             delta.token_ids = list(completion.token_ids)
+        if token_ids and n == 0 and out.prompt_token_ids is not None:
+            delta.prompt_token_ids = list(out.prompt_token_ids)
         if prompt_logprobs and n == 0 and out.prompt_logprobs is not None:
             ids = out.prompt_token_ids or []
             delta.prompt_logprobs = token_logprobs(ids, out.prompt_logprobs, decode)

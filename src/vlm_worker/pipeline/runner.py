@@ -735,6 +735,8 @@ class JobRunner:
             chunk["logprobs"] = last.logprobs
         if last is not None and last.token_ids is not None:
             chunk["token_ids"] = last.token_ids
+        if total.prompt_token_ids is not None:
+            chunk["prompt_token_ids"] = total.prompt_token_ids
         prompt_logprobs = last.prompt_logprobs if last is not None else total.prompt_logprobs
         if prompt_logprobs is not None:
             chunk["prompt_logprobs"] = prompt_logprobs

@@ -26,6 +26,7 @@ from vlm_worker.adapters.vllm import (
     is_named_tool_choice,
     new_tool_call_id,
     request_error_types,
+    streamed_tool_call_keeps_length,
     validation_parameter,
 )
 from vlm_worker.config.settings import WorkerSettings
@@ -196,6 +197,10 @@ class ToolCalls:
         return delta
 
     def stream_finish_reason(self, index: int, finish_reason: str | None) -> str:
-        if index in self._streamed and not self.named:
+        """As the installed ``vllm serve``: "tool_calls" once calls streamed (not for a
+        named function), but from 0.31 a call cut short keeps "length"."""
+        cut_short = finish_reason not in (None, "stop")
+        keeps_length = cut_short and streamed_tool_call_keeps_length()
+        if index in self._streamed and not self.named and not keeps_length:
             return "tool_calls"
         return finish_reason or "stop"
