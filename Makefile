@@ -14,12 +14,13 @@ CPU_ENV := VLLM_CPU_KVCACHE_SPACE=1 ENFORCE_EAGER=true DTYPE=bfloat16 MAX_MODEL_
            MAX_NUM_SEQS=8 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
            DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: help env model models demo test lint serve clean bench config load env-latest test-latest
+.PHONY: help env model models demo test lint serve clean bench bench-agent config load env-latest test-latest
 
 help:
 	@echo "make demo   run test_input.json through the real handler and engine (CPU)"
 	@echo "make test   lint + the whole test suite (unit and end to end, CPU engine)"
 	@echo "make serve  the runpod SDK's local API server on :8000 (/runsync, /run, /stream)"
+	@echo "make bench-agent  the GUI-agent workload: worker /runsync (native, OpenAI route) against vllm serve"
 	@echo "make load   64 concurrent /runsync jobs (good and bad) against that server (CPU)"
 	@echo "make env    create the CPU environment only;  make model  build the tiny model"
 	@echo "make models build the tiny models of the other VLM families into .models/ (tools/tiny_models)"
@@ -111,3 +112,13 @@ clean:
 # module runs on a GPU through the device tool). Writes benchmarks/results/<date>-cpu.{json,png}.
 bench: $(STAMP) model
 	$(CPU_ENV) MAX_NUM_SEQS=32 $(BIN)/python -m benchmarks.bench --out benchmarks/results --label cpu
+
+# The GUI-agent workload (benchmarks/agent_workload.py): full-size screenshots, 32 tokens,
+# a distinct image per job, through the worker's HTTP server (native and OpenAI route) and
+# `vllm serve` with the same engine arguments. On the CPU, small shapes and concurrency (two
+# engines share 2 cores: a check that it runs, not a measurement); on a GPU
+# `MODE=agent bash benchmarks/gpu_bench.sh OUTDIR`.
+bench-agent: $(STAMP) model
+	$(CPU_ENV) $(BIN)/python -m benchmarks.agent_workload --out benchmarks/scratch/agent \
+	    --label cpu --shapes 640x360,1280x720@300000 --concurrency 1,2 --first-concurrency 2 \
+	    --rounds 2 --max-tokens 8 --image-workers 2

@@ -193,3 +193,73 @@ def test_preprocess_trace_splits_a_rounds_time(processor):
     hooks.trace.close()
     hooks.trace = None
     assert hooks.image_function() is None
+
+
+# ---------------------------------------------------------------- the agent workload
+def _burst(path: str, rnd: int, jobs_per_s: float, shape: str = "1920x1080", c: int = 8) -> dict:
+    return {
+        "path": path, "round": rnd, "shape": shape, "concurrency": c, "jobs_per_s": jobs_per_s,
+        "p50_ms": 1.0, "p95_ms": 1.0, "ttft_p50_ms": None, "prompt_tokens": 2741.0,
+        "gpu_busy": 0.9, "errors": [],
+    }  # fmt: skip
+
+
+def test_agent_ratios_pair_each_round_with_the_same_rounds_serve_burst():
+    from benchmarks.agent_workload import first_rounds, pooled, summary_table
+
+    bursts = [
+        _burst("serve", -1, 5.0),
+        _burst("native", -1, 6.0),
+        *(_burst("serve", r, v) for r, v in enumerate([4.0, 8.0, 6.0])),
+        *(_burst("native", r, v) for r, v in enumerate([4.4, 8.8, 6.6])),
+        {**_burst("openai", 0, 99.0), "errors": ["an error"]},  # never pooled
+    ]
+    (row,) = pooled(bursts)
+    # per-round ratios are all 1.1, though the rounds themselves spread 2x
+    assert row["path"] == "native" and row["rounds"] == 3
+    assert row["jobs_per_s_ratio"] == pytest.approx(1.1, abs=1e-3)
+    assert row["ci95"][0] == pytest.approx(1.1, abs=1e-3)
+    first = {f["path"]: f for f in first_rounds(bursts)}
+    assert first["native"]["ratio"] == pytest.approx(6.0 / 6.6, abs=1e-3)
+    assert first["serve"]["within_10_percent"] is False  # 5.0 against a median of 6.0
+    table = summary_table(bursts)
+    assert "| 1920x1080 | 8 | native | 6.6 |" in table and "99" not in table
+
+
+def test_agent_shapes_and_the_serve_command_line():
+    from benchmarks.agent_workload import Shape, chat_body, native_job, vllm_cli_args
+
+    shape = Shape.parse("3840x2160@2000000")
+    assert (shape.width, shape.height, shape.max_pixels, shape.label) == (
+        3840, 2160, 2000000, "3840x2160@2MP"
+    )  # fmt: skip
+    assert Shape.parse("1920x1080").label == "1920x1080"
+    job = native_job("data:x", shape, 32)["input"]
+    body = chat_body("data:x", shape, 32, "m", stream=True)
+    assert job["mm_processor_kwargs"] == body["mm_processor_kwargs"] == {"max_pixels": 2000000}
+    assert job["ignore_eos"] and body["ignore_eos"] and body["stream_options"]["include_usage"]
+    args = vllm_cli_args(
+        {"model": "/m", "enforce_eager": True, "enable_prefix_caching": False,
+         "limit_mm_per_prompt": {"image": 4}, "max_model_len": 16384, "revision": None}
+    )  # fmt: skip
+    assert args[:2] == ["--model", "/m"]
+    assert "--enforce-eager" in args and "--no-enable-prefix-caching" in args
+    assert args[args.index("--limit-mm-per-prompt") + 1] == '{"image": 4}'
+    assert "--revision" not in args
+
+
+def test_agent_profile_categories(tmp_path):
+    from benchmarks.agent_workload import categorize
+
+    raw = tmp_path / "p.txt"
+    raw.write_text(
+        "process 1;run (vlm_worker/pipeline/runner.py:1);png_pixels (vlm_worker/media/images.py:3) 6\n"
+        "process 1;f (vllm/v1/engine/async_llm.py:1);normalize (transformers/x.py:2) 3\n"
+        "process 1;serve (uvicorn/server.py:1) 1\n"
+    )
+    shares = categorize(raw)["share_of_cpu_samples"]
+    assert shares == {
+        "the worker (vlm_worker)": 0.6,
+        "transformers processor": 0.3,
+        "runpod SDK / HTTP": 0.1,
+    }

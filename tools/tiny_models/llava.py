@@ -7,6 +7,7 @@ ChatML or a template-supplied BOS.
 
 vLLM 0.26 cannot load it with transformers 5.17: its ``llava`` module (which LLaVA-NeXT and
 OneVision also import) imports ``PixtralRotaryEmbedding`` from transformers, which 5.17 removed.
+vLLM 0.32 loads and serves it.
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def build_into(out: Path, seed: int) -> None:
         out,
         seed,
     )
+    # llava-1.5-hf keeps the CLIP tower's `vision_model.` level, which transformers 5 drops on
+    # save; vLLM loads by the released names.
+    c.rename_weights(out, lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1))
     image_processor = CLIPImageProcessor(
         do_resize=True,
         size={"shortest_edge": IMAGE_SIZE},

@@ -89,13 +89,17 @@ def vllm_version() -> tuple[int, ...]:
 
 
 def _numbers(text: str) -> tuple[int, ...]:
+    """``"0.32.0+cpu"`` -> ``(0, 32, 0)``: the release's leading numbers (no local label,
+    pre- or post-release part)."""
+    import re
+
     parts = []
     for piece in text.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
             break
-        parts.append(int(digits))
-        if len(digits) != len(piece):
+        parts.append(int(digits.group()))
+        if digits.end() != len(piece):
             break
     return tuple(parts)
 
