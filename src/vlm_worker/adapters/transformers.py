@@ -1,6 +1,9 @@
 """transformers' names below its documented API that the image path relies on.
 
-Checked against transformers 5.17.0. What each is for, and what breaks if it moves:
+Checked against transformers 5.17.0 (the pinned one, beside vLLM 0.26.0); the suite also
+passes with 5.19.0, which ``make test-latest`` installs beside vLLM 0.32.0. transformers
+5.19 warns that ``min_pixels``/``max_pixels`` processor arguments (vLLM passes them) go
+away in 5.23, which pyproject's cap excludes. What each is for, and what breaks if it moves:
 
 * ``transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize``: the resize
   rule of the Qwen2-VL family's processors. The worker pre-resizes with it, so the size
