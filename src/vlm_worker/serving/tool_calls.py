@@ -77,9 +77,7 @@ class ToolCalls:
             message = error["msg"].removeprefix("Value error, ")
             raise InvalidInput(f"{field}: {message}", field=field) from None
         except request_error_types() as exc:  # vLLM 0.27+: its own error, not pydantic's
-            field = validation_parameter(exc) or "tool_choice"
-            message = str(exc).split(" (parameter=")[0]
-            raise InvalidInput(f"{field}: {message}", field=field) from None
+            raise _refused(exc, "tool_choice") from None
         parser_cls = chat_parser_class(settings.tool_call_parser, settings.enable_auto_tool_choice)
         tool_parser = getattr(parser_cls, "tool_parser_cls", None)
         choice = request.tool_choice
@@ -104,8 +102,7 @@ class ToolCalls:
                     request=request
                 )
             except request_error_types() as exc:
-                field = validation_parameter(exc) or "tools"
-                raise InvalidInput(f"{field}: {exc}", field=field) from None
+                raise _refused(exc, "tools") from None
         return cls(request, parser_cls, tokenizer, settings)
 
     @staticmethod
@@ -204,3 +201,10 @@ class ToolCalls:
         if index in self._streamed and not self.named and not keeps_length:
             return "tool_calls"
         return finish_reason or "stop"
+
+
+def _refused(exc: BaseException, default_field: str) -> InvalidInput:
+    """vLLM's refusal of a tool request, naming the parameter it names (or the default)."""
+    field = validation_parameter(exc) or default_field
+    message = str(exc).split(" (parameter=")[0]
+    return InvalidInput(f"{field}: {message}", field=field)
