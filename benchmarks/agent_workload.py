@@ -9,7 +9,10 @@ sends exactly that through three paths, all over loopback HTTP:
 * ``openai``: the same server, an ``openai_route`` job (RunPod's ``/openai/v1`` traffic);
 * ``serve``: ``python -m vllm.entrypoints.openai.api_server`` with the same engine
   arguments (read from the environment through the worker's own ``engine_spec``),
-  ``/v1/chat/completions`` with ``stream: true``.
+  ``/v1/chat/completions`` with ``stream: true``;
+* ``base`` (with ``--base DIR``): native jobs to a second worker started from another
+  source tree (``git worktree add DIR <commit>``): a change measured against the code
+  before it, in the same rounds, on the same GPU.
 
 Every job carries its own screenshot (no cache can serve one job from another). For each
 shape and concurrency, the three paths run one burst each per round, in an order that
@@ -25,6 +28,7 @@ time by where it went: the worker, vLLM's front end, the HTTP layer, the engine 
 
     python -m benchmarks.agent_workload --out DIR [--shapes 1920x1080,3840x2160,3840x2160@2000000]
         [--concurrency 1,8,32,64] [--rounds 3] [--max-tokens 32] [--paths native,openai,serve]
+        [--base DIR --paths native,base]
 
 ``MODEL_NAME`` and the engine's variables as the worker reads them (``gpu_bench.sh
 agent`` sets the 7B shape). TTFT: client-side for ``serve`` (its first streamed token);
@@ -64,6 +68,8 @@ from vlm_worker.adapters.vllm import serve_mm_kwargs_flags, vllm_version  # noqa
 
 HOST = "127.0.0.1"
 PATHS = ("native", "openai", "serve")
+#: What each path's jobs go to.
+SERVER_OF = {"native": "worker", "openai": "worker", "serve": "serve", "base": "base"}
 PROMPT = "Click the Save button. Answer with the action and the point only."
 #: The first-burst check: the first burst after start against the later rounds' median.
 FIRST_ROUND_TOLERANCE = 0.10
@@ -199,7 +205,9 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start(name: str, cmd: list[str], env: dict[str, str], out: Path, ready: str | None) -> Server:
+def start(
+    name: str, cmd: list[str], env: dict[str, str], out: Path, ready: str | None, cwd: Path = ROOT
+) -> Server:
     """Start a server and wait for ``ready`` (a URL path) to answer 200; None: for its port
     to accept (the SDK's local server has no health route, and opens only once the
     worker's engine is up)."""
@@ -213,7 +221,7 @@ def start(name: str, cmd: list[str], env: dict[str, str], out: Path, ready: str 
     began = time.perf_counter()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     server = Server(name, proc, f"http://{HOST}:{port}", log_path)
     deadline = time.monotonic() + 900
@@ -239,10 +247,13 @@ def start(name: str, cmd: list[str], env: dict[str, str], out: Path, ready: str 
     return server
 
 
-def start_worker(out: Path) -> Server:
+def start_worker(out: Path, tree: Path = ROOT, name: str = "worker") -> Server:
+    """The worker from ``tree``'s sources (this checkout, or ``--base``'s)."""
     env = {k: v for k, v in os.environ.items() if k != "RUNPOD_WEBHOOK_GET_JOB"}
-    cmd = [sys.executable, "handler.py", "--rp_serve_api"]
-    return start("worker", cmd, env, out, None)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != ROOT / "src"]
+    env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), str(tree), *rest])
+    cmd = [sys.executable, str(tree / "handler.py"), "--rp_serve_api"]
+    return start(name, cmd, env, out, None, cwd=tree)
 
 
 def start_serve(out: Path, kwargs: dict[str, Any]) -> Server:
@@ -385,7 +396,7 @@ async def burst(
     gpu: GpuBusy,
 ) -> Burst:
     """``len(uris)`` jobs with ``concurrency`` in flight; bodies are built before the clock."""
-    if path == "native":
+    if path in ("native", "base"):
         bodies = [native_job(u, shape, max_tokens) for u in uris]
         send = send_native
     else:
@@ -449,7 +460,9 @@ def pooled(bursts: list[dict], against: str = "serve") -> list[dict]:
         cell = [b for b in bursts if b["shape"] == shape and b["concurrency"] == c]
         rounds = sorted({b["round"] for b in cell if b["round"] >= 0})
         by = {(b["path"], b["round"]): b for b in cell}
-        for path in ("native", "openai"):
+        for path in ("native", "openai", "base"):
+            if path == against:
+                continue
             logs = [
                 np.log(by[(path, r)]["jobs_per_s"] / by[(against, r)]["jobs_per_s"])
                 for r in rounds
@@ -472,17 +485,18 @@ def pooled(bursts: list[dict], against: str = "serve") -> list[dict]:
     return rows
 
 
-def summary_table(bursts: list[dict]) -> str:
+def summary_table(bursts: list[dict], against: str = "serve") -> str:
     """Medians over rounds per shape, concurrency and path, with the pooled ratios."""
-    ratios = {(r["shape"], r["concurrency"], r["path"]): r for r in pooled(bursts)}
+    ratios = {(r["shape"], r["concurrency"], r["path"]): r for r in pooled(bursts, against)}
     bursts = [b for b in bursts if not b["errors"]]
     lines = [
-        "| shape | conc. | path | jobs/s | p50 ms | p95 ms | TTFT p50 ms | prompt tok | GPU busy | ratio to serve (95 % CI) |",
+        "| shape | conc. | path | jobs/s | p50 ms | p95 ms | TTFT p50 ms | prompt tok | GPU busy "
+        f"| ratio to {against} (95 % CI) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     keys = sorted({(b["shape"], b["concurrency"]) for b in bursts if b["round"] >= 0})
     for shape, c in keys:
-        for path in PATHS:
+        for path in (*PATHS, "base"):
             cell = [
                 b
                 for b in bursts
@@ -597,12 +611,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     levels = [int(c) for c in args.concurrency.split(",")]
     paths = [p for p in args.paths.split(",") if p]
     kwargs = engine_kwargs()
+    if "base" in paths and args.base is None:
+        raise SystemExit("the base path needs --base DIR (another source tree of the worker)")
     servers: dict[str, Server] = {}
     if {"native", "openai"} & set(paths):
         servers["worker"] = start_worker(out)
+    if "base" in paths:
+        servers["base"] = start_worker(out, args.base, "base")
     if "serve" in paths:
         servers["serve"] = start_serve(out, kwargs)
-    base = {p: servers["serve" if p == "serve" else "worker"].base for p in paths}
+    base = {p: servers[SERVER_OF[p]].base for p in paths}
     model = await served_model(base)
     gpu = GpuBusy()
     images = Screenshots(args.image_workers)
@@ -635,7 +653,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         await one(path, shape, c, rnd)
         if args.profile:
             for name, server in servers.items():
-                path = "native" if name == "worker" else "serve"
+                path = {"worker": "native"}.get(name, name)
                 if path not in paths:
                     continue
                 target = out / f"profile-{name}.txt"
@@ -660,7 +678,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "start_s": {k: s.started_s for k, s in servers.items()},
         "bursts": bursts,
-        "pooled": pooled(bursts),
+        "against": args.against,
+        "base": None if args.base is None else str(args.base),
+        "pooled": pooled(bursts, args.against),
         "first_round": first_rounds(bursts),
         "profile": profiles,
     }
@@ -688,7 +708,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['max_tokens']} output tokens, one distinct screenshot per job; engine "
         f"start: {result['start_s']}.",
         "",
-        summary_table(result["bursts"]),
+        summary_table(result["bursts"], result.get("against", "serve")),
         "",
         "First burst after start (apart from the rounds):",
         "",
@@ -715,9 +735,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--image-workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--base", help="another source tree of the worker (the base path)")
+    parser.add_argument(
+        "--against", help="the path ratios are taken to (default: serve, else base)"
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-seconds", type=float, default=8.0)
     args = parser.parse_args(argv)
+    if args.base is not None:
+        args.base = Path(args.base).resolve()
+    if args.against is None:
+        args.against = "serve" if "serve" in args.paths.split(",") else "base"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     result = asyncio.run(run(args))
     stamp = dt.date.today().isoformat()

@@ -247,6 +247,29 @@ async def test_image_processes_give_the_same_answer_as_threads(worker):
     assert in_process["images"][0]["resized_size"] == [1288, 728]
 
 
+async def test_the_models_processor_runs_off_the_engine_loop(worker, engine_handle, monkeypatch):
+    """transformers' resize, normalise and patching of each image run in vLLM's renderer
+    threads, as `vllm serve` runs them: on the engine's loop they would stall every other
+    request's output while they work."""
+    import threading
+
+    processor = engine_handle.llm.renderer.get_mm_processor()
+    threads: list[str] = []
+    original = processor.apply
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(processor, "apply", spy)
+    job = image_job(data_uri(screenshot(500, 300, 11)), max_tokens=3, stream=False)
+    (final,) = await collect(worker, job)
+    assert final["usage"]["completion_tokens"] == 3
+    assert len(threads) == 1, threads
+    assert threads[0] != "vllm-engine-loop"
+    assert threads[0] != threading.main_thread().name
+
+
 async def test_vllm_uses_our_content_ids_instead_of_hashing_pixels(
     worker, engine_handle, monkeypatch
 ):

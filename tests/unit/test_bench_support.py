@@ -226,6 +226,21 @@ def test_agent_ratios_pair_each_round_with_the_same_rounds_serve_burst():
     assert "| 1920x1080 | 8 | native | 6.6 |" in table and "99" not in table
 
 
+def test_agent_change_against_its_base_tree_pairs_with_the_base_path():
+    """``--base DIR``: the ratio is the worker's to the base worker's, round by round."""
+    from benchmarks.agent_workload import pooled, summary_table
+
+    bursts = [
+        *(_burst("base", r, v) for r, v in enumerate([5.0, 7.0, 6.0])),
+        *(_burst("native", r, v) for r, v in enumerate([4.5, 6.3, 5.4])),
+    ]
+    assert pooled(bursts) == []  # no serve burst to pair with
+    (row,) = pooled(bursts, "base")
+    assert row["path"] == "native" and row["jobs_per_s_ratio"] == pytest.approx(0.9, abs=1e-3)
+    table = summary_table(bursts, "base")
+    assert "ratio to base" in table and "| 1920x1080 | 8 | base | 6 |" in table
+
+
 def test_agent_shapes_and_the_serve_command_line():
     from benchmarks.agent_workload import Shape, chat_body, native_job, vllm_cli_args
 

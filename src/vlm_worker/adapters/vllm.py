@@ -40,6 +40,13 @@ each is for, and what breaks if it moves:
   against the loaders and against transformers' ``Qwen2VLVideoProcessor``); a changed
   sampling rule in a loader would make the pre-decode caps count differently from what
   is decoded, which ``media.video`` refuses as a decode error rather than letting through.
+* ``AsyncLLM.renderer.process_for_engine_async(prompt, arrival_time)``: a token prompt
+  with its images turned into the ``EngineInput`` that ``AsyncLLM.generate`` takes as
+  already processed. It runs the model's multimodal processor (transformers' resize,
+  normalise and patching of pixels) in the renderer's thread pool, as ``vllm serve``
+  does, instead of on the engine's event loop, where vLLM's raw-prompt path runs it and
+  stalls every other request's output meanwhile. If it moves, jobs with images fail in
+  every engine test.
 * The text of the ``ValueError`` vLLM raises for a prompt longer than ``max_model_len``.
   It has no exception class of its own; a changed wording turns ``prompt_too_long`` into
   ``invalid_input`` (the test suite sends such a prompt through the real engine).
@@ -47,6 +54,7 @@ each is for, and what breaks if it moves:
 
 from __future__ import annotations
 
+import time
 from functools import cache
 from typing import Any
 
@@ -161,6 +169,11 @@ def serving_usage_context() -> Any:
     from vllm.usage.usage_lib import UsageContext
 
     return UsageContext.OPENAI_API_SERVER
+
+
+async def engine_input(llm: Any, prompt: dict[str, Any]) -> dict[str, Any]:
+    """A token prompt processed for the engine off its loop (the renderer's thread pool)."""
+    return await llm.renderer.process_for_engine_async(prompt, time.time())
 
 
 def num_unfinished_requests(llm: Any) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 from vlm_worker.adapters.vllm import (
     engine_exception_types,
+    engine_input,
     is_prompt_too_long,
     num_unfinished_requests,
     request_error_types,
@@ -145,7 +146,8 @@ class VllmEngine:
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         put = queue.put_nowait
         prompt: dict[str, Any] = {"prompt": request.prompt}
-        if request.prompt_token_ids is not None:
+        with_token_ids = request.prompt_token_ids is not None
+        if with_token_ids:
             prompt["prompt_token_ids"] = request.prompt_token_ids
         data, uuids = _multi_modal(request)
         if data:
@@ -160,7 +162,10 @@ class VllmEngine:
             try:
                 finished = False
                 extra = {"lora_request": lora_request} if lora_request is not None else {}
-                stream = self._llm.generate(prompt, params, request.request_id, **extra)
+                # The model's processor off this loop, in vLLM's renderer threads (as
+                # `vllm serve` runs it): on the loop it stalls every request's output.
+                ready = await engine_input(self._llm, prompt) if with_token_ids else prompt
+                stream = self._llm.generate(ready, params, request.request_id, **extra)
                 prompt_ids_due = with_ids  # the prompt's ids once, not with every token
                 async for out in stream:
                     deltas = _deltas(
