@@ -44,6 +44,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -247,9 +248,13 @@ def start(
     return server
 
 
-def start_worker(out: Path, tree: Path = ROOT, name: str = "worker") -> Server:
-    """The worker from ``tree``'s sources (this checkout, or ``--base``'s)."""
+def start_worker(
+    out: Path, tree: Path = ROOT, name: str = "worker", extra: dict[str, str] | None = None
+) -> Server:
+    """The worker from ``tree``'s sources (this checkout, or ``--base``'s), with ``extra``
+    environment variables (``--base-env``: a setting measured against its default)."""
     env = {k: v for k, v in os.environ.items() if k != "RUNPOD_WEBHOOK_GET_JOB"}
+    env |= extra or {}
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != ROOT / "src"]
     env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), str(tree), *rest])
     cmd = [sys.executable, str(tree / "handler.py"), "--rp_serve_api"]
@@ -583,9 +588,17 @@ CATEGORIES = (
 )  # fmt: skip
 
 
-def categorize(collapsed: Path) -> dict[str, Any]:
-    """Samples per category from py-spy's raw (collapsed-stack) output."""
+#: Frames that name where the time went (a torch op's caller, not the op).
+_NAMED = ("vlm_worker/", "transformers/", "vllm/", "runpod/", "uvicorn/", "starlette/", "PIL/")
+
+
+def categorize(collapsed: Path, top: int = 15) -> dict[str, Any]:
+    """Samples per category from py-spy's raw (collapsed-stack) output, and the ``top``
+    functions by process (``image`` processes, ``engine core``, the ``server``): each
+    sample goes to the innermost frame of the worker, vLLM, transformers, the HTTP stack
+    or Pillow on its stack."""
     counts: dict[str, int] = {}
+    spots: dict[str, int] = {}
     total = 0
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, n = line.rpartition(" ")
@@ -599,9 +612,23 @@ def categorize(collapsed: Path) -> dict[str, Any]:
                 name = hit
                 break
         counts[name] = counts.get(name, 0) + int(n)
+        process = next((f for f in reversed(frames) if f.startswith("process ")), "")
+        kind = (
+            "engine core" if "EngineCore" in process
+            else "image" if " -c " in process or "multiprocessing" in process
+            else "server"
+        )  # fmt: skip
+        named = next((f for f in reversed(frames) if any(k in f for k in _NAMED)), "other")
+        spot = f"{kind}: {re.sub(r':[0-9]+[)]', ')', named)}"
+        spots[spot] = spots.get(spot, 0) + int(n)
         total += int(n)
     shares = {k: round(v / total, 3) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
-    return {"samples": total, "share_of_cpu_samples": shares}
+    hot = sorted(spots.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "samples": total,
+        "share_of_cpu_samples": shares,
+        "top": {k: round(v / total, 3) for k, v in hot},
+    }
 
 
 # ---------------------------------------------------------------------------- run
@@ -617,7 +644,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if {"native", "openai"} & set(paths):
         servers["worker"] = start_worker(out)
     if "base" in paths:
-        servers["base"] = start_worker(out, args.base, "base")
+        servers["base"] = start_worker(out, args.base, "base", dict(args.base_env))
     if "serve" in paths:
         servers["serve"] = start_serve(out, kwargs)
     base = {p: servers[SERVER_OF[p]].base for p in paths}
@@ -631,7 +658,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     async def one(path: str, shape: Shape, c: int, rnd: int) -> None:
         uris = images.take(shape, jobs_for(c))
+        spy = None
+        if rnd == -1 and args.profile_first and path != "serve":
+            name = SERVER_OF[path]
+            target = out / f"profile-first-{name}-{shape.label}.txt"
+            spy = profile_burst(servers[name].proc.pid, args.profile_seconds, target)
+            await asyncio.sleep(1)
         b = await burst(path, base[path], shape, c, uris, args.max_tokens, model[path], gpu)
+        if spy is not None:
+            spy.wait(timeout=args.profile_seconds + 60)
+            if target.exists():
+                profiles[f"first {shape.label} {name}"] = categorize(target)
         row = asdict(b) | {"round": rnd}
         bursts.append(row)
         partial.write_text(json.dumps({"engine_kwargs": str(kwargs), "bursts": bursts}))
@@ -640,11 +677,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
               f"busy {b.gpu_busy} errors {len(b.errors)}", flush=True)  # fmt: skip
 
     try:
-        # The first burst each server sees after start, apart from the rounds.
-        first_shape, first_c = shapes[0], args.first_concurrency
-        for path in paths if first_c > 0 else ():
-            if path != "openai":
-                await one(path, first_shape, first_c, -1)
+        # The first burst each server sees after start, apart from the rounds; with
+        # several first shapes, each shape's first burst (what is new to the engine then
+        # is the image's shape, not the batch's).
+        first_shapes = (
+            [Shape.parse(s) for s in args.first_shapes.split(",")]
+            if (args.first_shapes)
+            else shapes[:1]
+        )
+        for first_shape in first_shapes if args.first_concurrency > 0 else ():
+            for path in paths:
+                if path != "openai":
+                    await one(path, first_shape, args.first_concurrency, -1)
         for rnd in range(args.rounds):
             for shape in shapes:
                 for c in levels:
@@ -652,6 +696,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for path in order:
                         await one(path, shape, c, rnd)
         if args.profile:
+            profile_shape = Shape.parse(args.profile_shape) if args.profile_shape else shapes[0]
             for name, server in servers.items():
                 path = {"worker": "native"}.get(name, name)
                 if path not in paths:
@@ -662,7 +707,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     profiles["error"] = "py-spy not found"
                     break
                 await asyncio.sleep(1)
-                await one(path, shapes[0], 32, -2)
+                await one(path, profile_shape, 32, -2)
                 spy.wait(timeout=args.profile_seconds + 60)
                 profiles[name] = categorize(target) if target.exists() else {"error": "no output"}
     finally:
@@ -680,6 +725,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "bursts": bursts,
         "against": args.against,
         "base": None if args.base is None else str(args.base),
+        "base_env": dict(args.base_env),
         "pooled": pooled(bursts, args.against),
         "first_round": first_rounds(bursts),
         "profile": profiles,
@@ -731,16 +777,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="1920x1080,3840x2160,3840x2160@2000000")
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--first-concurrency", type=int, default=32)
+    parser.add_argument("--first-shapes", help="shapes of the first bursts (default: the first)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--image-workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--base", help="another source tree of the worker (the base path)")
     parser.add_argument(
+        "--base-env",
+        action="append",
+        default=[],
+        type=lambda kv: tuple(kv.split("=", 1)),
+        help="NAME=VALUE for the base worker only (repeatable); --base . measures a setting",
+    )
+    parser.add_argument(
         "--against", help="the path ratios are taken to (default: serve, else base)"
     )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-seconds", type=float, default=8.0)
+    parser.add_argument("--profile-shape", help="the profiled burst's shape (default: the first)")
+    parser.add_argument(
+        "--profile-first", action="store_true", help="profile the workers' first bursts too"
+    )
     args = parser.parse_args(argv)
     if args.base is not None:
         args.base = Path(args.base).resolve()
