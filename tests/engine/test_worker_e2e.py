@@ -336,3 +336,46 @@ def test_start_up_heap_is_frozen(worker):
     import gc
 
     assert gc.get_freeze_count() > 100_000
+
+
+async def test_a_jobs_own_bounds_reach_vllm_only_where_its_processor_would_resize(
+    worker, monkeypatch
+):
+    """vLLM loads another HF processor (tokenizer copies and all) for every new set of
+    request kwargs: on the H200, seconds of its single processing thread for the first
+    jobs with a new ``max_pixels``. Where the engine's own bounds keep the worker's
+    resized image as it is, the job's bounds stay with the worker and nothing loads; the
+    token count vLLM reports shows the size the model saw."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from transformers.processing_utils import ProcessorMixin
+
+    loads: list[str] = []
+    original = ProcessorMixin.get_processor_dict.__func__
+
+    def spy(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        loads.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessorMixin, "get_processor_dict", classmethod(spy))
+    base = worker.engine.info.geometry
+    for i, cap in enumerate((200_000, 300_000, 400_000)):
+        job = image_job(data_uri(screenshot(1280, 720, 20 + i)), max_tokens=1, stream=False)
+        job["mm_processor_kwargs"] = {"max_pixels": cap}
+        (final,) = await collect(worker, job)
+        w, h = final["images"][0]["resized_size"]
+        assert (h, w) == smart_resize(720, 1280, 28, base.min_pixels, cap)
+        prepared = await worker.runner.prepare(job, f"probe-{i}")
+        assert prepared.mm_processor_kwargs is None
+        assert final["usage"]["prompt_tokens"] == prepared.prompt_tokens
+    assert loads == []
+
+    # Below the engine's own minimum, its processor would enlarge the image: the job's
+    # bounds go to vLLM, and it keeps the smaller size.
+    tiny = image_job(data_uri(screenshot(40, 30, 23)), max_tokens=1, stream=False)
+    tiny["mm_processor_kwargs"] = {"min_pixels": 784}
+    (final,) = await collect(worker, tiny)
+    w, h = final["images"][0]["resized_size"]
+    assert w * h < base.min_pixels
+    prepared = await worker.runner.prepare(tiny, "probe-tiny")
+    assert prepared.mm_processor_kwargs == {"min_pixels": 784, "max_pixels": base.max_pixels}
+    assert final["usage"]["prompt_tokens"] == prepared.prompt_tokens

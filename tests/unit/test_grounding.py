@@ -441,14 +441,27 @@ async def test_grounding_settings_and_engine_cap_decide_the_size(info):
         GROUNDING_MAX_PIXELS="500000",
     )
     assert chunks[0]["grounding"]["resized_size"] == [924, 504]  # smart_resize at 500000
-    assert runner.engine.requests[0].mm_processor_kwargs["max_pixels"] == 500_000
+    # vLLM's own bounds keep 924x504 as it is: the job's need not reach it (a new set of
+    # kwargs makes vLLM load another processor)
+    assert info.geometry.is_fixed_point(504, 924)
+    assert runner.engine.requests[0].mm_processor_kwargs is None
     capped = replace(info, max_image_tokens=300)
     runner, chunks = await run_job(
         capped, "(0, 0)", grounding_job(data_uri(screenshot(1920, 1080)), stream=False)
     )
     w, h = chunks[0]["grounding"]["resized_size"]
     assert (w // 28) * (h // 28) <= 300
-    assert runner.engine.requests[0].mm_processor_kwargs["max_pixels"] == 300 * 784
+    assert runner.engine.requests[0].mm_processor_kwargs is None
+    # an engine whose own bounds would enlarge the image is told the grounding bounds
+    strict = replace(info, geometry=replace(info.geometry, min_pixels=1_000_000))
+    runner, chunks = await run_job(
+        strict, "(0, 0)", grounding_job(data_uri(screenshot(1920, 1080)), stream=False),
+        GROUNDING_MAX_PIXELS="500000",
+    )  # fmt: skip
+    assert runner.engine.requests[0].mm_processor_kwargs == {
+        "min_pixels": 3136,
+        "max_pixels": 500_000,
+    }
 
 
 async def test_max_images_per_job_zero_refuses_grounding(info):

@@ -334,7 +334,8 @@ async def test_the_routes_frame_several_choices_as_openai_does(info):
     assert [(c["index"], c["text"]) for c in done["choices"]] == [(0, "abc"), (1, "xy")]
 
 
-async def test_a_job_may_narrow_the_resize_bounds_and_vllm_is_told_the_same(info):
+async def test_a_job_may_narrow_the_resize_bounds_and_vllm_keeps_the_size(info):
+    """vLLM is told a job's bounds only where its own would resize the worker's image."""
     from support.jobs import data_uri, screenshot
 
     runner = runner_for(info, [tok("a", True, "stop", prompt=3)])
@@ -344,10 +345,19 @@ async def test_a_job_may_narrow_the_resize_bounds_and_vllm_is_told_the_same(info
     (image,) = final["images"]
     width, height = image["resized_size"]
     assert width * height <= 50_000 and (width, height) != (640, 400)
+    assert info.geometry.is_fixed_point(height, width)
     (request,) = runner.engine.requests
-    assert request.mm_processor_kwargs == {
-        "min_pixels": info.geometry.min_pixels,
-        "max_pixels": 50_000,
+    assert request.mm_processor_kwargs is None
+    assert request.images[0].size == (width, height)
+    # below the engine's own minimum its processor would enlarge the image: told
+    small = image_job(data_uri(screenshot(40, 30)), mm_processor_kwargs={"min_pixels": 784})
+    told = runner_for(info, [tok("a", True, "stop", prompt=3)])
+    (final,) = await run(told, small)
+    width, height = final["images"][0]["resized_size"]
+    assert width * height < info.geometry.min_pixels
+    assert told.engine.requests[0].mm_processor_kwargs == {
+        "min_pixels": 784,
+        "max_pixels": info.geometry.max_pixels,
     }
     for kwargs, field, words in [
         ({"max_pixels": info.geometry.max_pixels + 1}, "max_pixels", "above this worker's limit"),

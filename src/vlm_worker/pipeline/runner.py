@@ -321,6 +321,11 @@ class JobRunner:
         mm_kwargs = bounds.processor_kwargs() if bounds else None
         if geometry is not None and bounds is None:
             mm_kwargs = {"min_pixels": geometry.min_pixels, "max_pixels": geometry.max_pixels}
+        if mm_kwargs is not None and not videos and self._engine_keeps_sizes(images):
+            # vLLM loads one more HF processor (tokenizer copies included) for every new
+            # set of request kwargs, on the thread all images wait for: seconds for a new
+            # max_pixels. Its default processor keeps these sizes: the same pixels.
+            mm_kwargs = None
         ids_for_engine = None if job.raw_prompt else ids
         adapter = self._adapter(job)  # an unknown model fails here, before the engine
         return Prepared(
@@ -381,6 +386,15 @@ class JobRunner:
                 field="task",
             )
         return self.grounding_bounds
+
+    def _engine_keeps_sizes(self, images: list[PreparedImage]) -> bool:
+        """Whether vLLM's processor, with the engine's own bounds, keeps every image at the
+        size the worker resized it to (then a job's bounds need not reach it)."""
+        base = self.engine.info.geometry
+        return base is not None and all(
+            image.resized_size is not None and base.is_fixed_point(*image.resized_size[::-1])
+            for image in images
+        )
 
     def _job_geometry(self, job: Job) -> ImageGeometry | None:
         """The job's own resize bounds (``mm_processor_kwargs``), or None for the worker's.

@@ -36,7 +36,8 @@ class GroundingBounds:
 
     def processor_kwargs(self) -> dict[str, int]:
         """Per-request ``mm_processor_kwargs``: vLLM's processor re-applies ``smart_resize``
-        with its own bounds; handing it ours makes it keep the pre-resized image as is."""
+        with its own bounds; handing it ours makes it keep the pre-resized image as is.
+        The runner sends them only where the engine's own bounds would not."""
         return {"min_pixels": self.geometry.min_pixels, "max_pixels": self.geometry.max_pixels}
 
 
