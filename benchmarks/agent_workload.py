@@ -661,7 +661,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         spy = None
         if rnd == -1 and args.profile_first and path != "serve":
             name = SERVER_OF[path]
-            target = out / f"profile-first-{name}-{shape.label}.txt"
+            target = out / f"profile-first-{name}-{shape.label.replace('@', '-')}.txt"
             spy = profile_burst(servers[name].proc.pid, args.profile_seconds, target)
             await asyncio.sleep(1)
         b = await burst(path, base[path], shape, c, uris, args.max_tokens, model[path], gpu)
