@@ -278,3 +278,20 @@ def test_agent_profile_categories(tmp_path):
         "transformers processor": 0.3,
         "runpod SDK / HTTP": 0.1,
     }
+
+
+def test_committed_agent_runs_pool_to_the_ratios_they_hold():
+    """Each committed agent-workload file's ratios follow from its own bursts (against
+    `vllm serve`, or the base worker of an A/B run), and its first bursts from its rounds."""
+    from benchmarks.agent_workload import first_rounds, pooled
+
+    files = sorted((RESULTS / "agent").glob("2026-*.json"))
+    assert len(files) >= 6
+    for f in files:
+        result = json.loads(f.read_text())
+        against = result.get("against", "serve")
+        assert pooled(result["bursts"], against) == result["pooled"], f.name
+        assert first_rounds(result["bursts"]) == result["first_round"], f.name
+    kwargs = json.loads((RESULTS / "agent" / "2026-12-01-h200-kwargs-ab.json").read_text())
+    first = {(r["path"], r["shape"]): r["ratio"] for r in kwargs["first_round"]}
+    assert first[("native", "3840x2160@2MP")] == 0.873 and first[("base", "3840x2160@2MP")] == 0.57
