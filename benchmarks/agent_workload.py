@@ -334,7 +334,8 @@ async def send_serve(session: aiohttp.ClientSession, base: str, body: dict) -> J
 class GpuBusy:
     """NVML's utilisation samples (share of time a kernel ran) over a window."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids: list[int] | None = None) -> None:
+        """Over ``ids`` (NVML's numbering), else every GPU ``CUDA_VISIBLE_DEVICES`` shows."""
         self.handles: list[Any] = []
         try:
             import pynvml
@@ -342,7 +343,8 @@ class GpuBusy:
             pynvml.nvmlInit()
             count = pynvml.nvmlDeviceGetCount()
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            ids = [int(i) for i in visible.split(",")] if visible else list(range(count))
+            if ids is None:
+                ids = [int(i) for i in visible.split(",")] if visible else list(range(count))
             self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in ids]
             self._nvml = pynvml
         except Exception:

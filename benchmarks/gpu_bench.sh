@@ -10,6 +10,9 @@
 #       benchmarks.agent_workload: the GUI-agent workload (full-size screenshots at the
 #       model's own pixel limit, 32 tokens) through the worker's HTTP server against
 #       `vllm serve` with the same engine arguments, both on one GPU (0.42 of it each).
+#   MODE=parallel bash benchmarks/gpu_bench.sh OUTDIR [LABEL] [extra args...]
+#       benchmarks.parallel_gpus: one GPU, TENSOR_PARALLEL_SIZE=2 and DATA_PARALLEL_SIZE=2,
+#       each alone on a two-GPU machine, on the agent workload (--configs one,tp2,dp2).
 #
 # Writes OUTDIR/<date>-<LABEL>.json (and .png or .md) and OUTDIR/bench.log.
 set -euo pipefail
@@ -21,6 +24,12 @@ MODEL=${SHAPED_MODEL_DIR:-/tmp/q7b}
 [ -f "$MODEL/config.json" ] || python3 -m tools.shaped_model "$MODEL"
 export MODEL_NAME="$MODEL" LOAD_FORMAT=dummy HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+if [ "${MODE:-bench}" = parallel ]; then
+  # Each configuration alone on the machine: the whole of each GPU it uses.
+  export GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-0.9} MAX_MODEL_LEN=${MAX_MODEL_LEN:-16384}
+  python3 -m benchmarks.parallel_gpus --out "$OUTDIR" --label "$LABEL" "$@" 2>&1 | tee "$OUTDIR/bench.log"
+  exit "${PIPESTATUS[0]}"
+fi
 if [ "${MODE:-bench}" = agent ]; then
   # vLLM's own scheduler defaults (the worker starts in `vllm serve`'s usage context);
   # room for a 4K screenshot at the model's own limit (~10,600 tokens).

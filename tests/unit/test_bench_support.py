@@ -295,3 +295,23 @@ def test_committed_agent_runs_pool_to_the_ratios_they_hold():
     kwargs = json.loads((RESULTS / "agent" / "2026-12-01-h200-kwargs-ab.json").read_text())
     first = {(r["path"], r["shape"]): r["ratio"] for r in kwargs["first_round"]}
     assert first[("native", "3840x2160@2MP")] == 0.873 and first[("base", "3840x2160@2MP")] == 0.57
+
+
+def test_parallel_configs_compare_unpaired_rounds_to_one_gpu():
+    from benchmarks.parallel_gpus import CONFIGS, table, unpaired_ratio
+
+    assert CONFIGS["dp2"][0] == {"DATA_PARALLEL_SIZE": "2"} and CONFIGS["one"][1] == [0]
+    ratio, low, high = unpaired_ratio([4.0, 4.2, 3.8], [2.0, 2.1, 1.9])
+    assert ratio == pytest.approx(2.0, abs=0.01) and low < ratio < high
+    assert high / low < 1.2  # rounds this close give a narrow interval
+    bursts = [
+        {**_burst("native", r, v), "config": cfg}
+        for cfg, values in (("one", [4.0, 4.4, 4.2]), ("dp2", [7.6, 7.9, 8.1]), ("tp2", [4.1]))
+        for r, v in enumerate(values)
+    ]
+    bursts.append({**_burst("native", -1, 1.0), "config": "dp2"})  # a first burst: apart
+    rows = {r["config"]: r for r in table(bursts)}
+    assert rows["one"]["jobs_per_s"] == 4.2 and "ratio" not in rows["one"]
+    assert rows["dp2"]["rounds"] == 3 and rows["dp2"]["ratio"] == pytest.approx(1.88, abs=0.01)
+    assert rows["dp2"]["dp_target_met"] is (rows["dp2"]["ci95"][0] >= 1.8)
+    assert "dp_target_met" not in rows["tp2"]
