@@ -79,6 +79,8 @@ async def run_config(name: str, args: argparse.Namespace, out: Path) -> list[dic
             uris = images.take(shape, jobs_for(c))
             b = await burst("native", server.base, shape, c, uris, args.max_tokens, model, gpu)
             rows.append(asdict(b) | {"round": rnd, "config": name, "start_s": server.started_s})
+            # after every burst: a run cut short by a time limit keeps what it measured
+            (out / f"partial-{name}.json").write_text(json.dumps({"bursts": rows}))
             tag = "first" if rnd < 0 else f"r{rnd}"
             print(f"{name} {tag} {shape.label} c={c}: {b.jobs_per_s} jobs/s p50 {b.p50_ms} ms "
                   f"busy {b.gpu_busy} errors {len(b.errors)}", flush=True)  # fmt: skip
