@@ -146,8 +146,8 @@ class VllmEngine:
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         put = queue.put_nowait
         prompt: dict[str, Any] = {"prompt": request.prompt}
-        with_token_ids = request.prompt_token_ids is not None
-        if with_token_ids:
+        tokenized = request.prompt_token_ids is not None
+        if tokenized:
             prompt["prompt_token_ids"] = request.prompt_token_ids
         data, uuids = _multi_modal(request)
         if data:
@@ -164,7 +164,7 @@ class VllmEngine:
                 extra = {"lora_request": lora_request} if lora_request is not None else {}
                 # The model's processor off this loop, in vLLM's renderer threads (as
                 # `vllm serve` runs it): on the loop it stalls every request's output.
-                ready = await engine_input(self._llm, prompt) if with_token_ids else prompt
+                ready = await engine_input(self._llm, prompt) if tokenized else prompt
                 stream = self._llm.generate(ready, params, request.request_id, **extra)
                 prompt_ids_due = with_ids  # the prompt's ids once, not with every token
                 async for out in stream:

@@ -318,14 +318,15 @@ class JobRunner:
         if targets is not None:
             tokens = max(target.prompt_tokens for target in targets)
         sampling, warnings = self._sampling(job, tokens)
-        mm_kwargs = bounds.processor_kwargs() if bounds else None
-        if geometry is not None and bounds is None:
-            mm_kwargs = {"min_pixels": geometry.min_pixels, "max_pixels": geometry.max_pixels}
-        if mm_kwargs is not None and not videos and self._engine_keeps_sizes(images):
-            # vLLM loads one more HF processor (tokenizer copies included) for every new
-            # set of request kwargs, on the thread all images wait for: seconds for a new
-            # max_pixels. Its default processor keeps these sizes: the same pixels.
-            mm_kwargs = None
+        # The job's (or grounding's) bounds go to vLLM only where its default processor
+        # would resize the worker's images: vLLM loads one more HF processor (tokenizer
+        # copies included) for every new set of request kwargs, on the thread all images
+        # wait for; seconds for a new max_pixels.
+        mm_kwargs = None
+        if geometry is not None and (videos or not self._engine_keeps_sizes(images)):
+            mm_kwargs = bounds.processor_kwargs() if bounds else {
+                "min_pixels": geometry.min_pixels, "max_pixels": geometry.max_pixels
+            }  # fmt: skip
         ids_for_engine = None if job.raw_prompt else ids
         adapter = self._adapter(job)  # an unknown model fails here, before the engine
         return Prepared(
