@@ -10,6 +10,9 @@
 #       benchmarks.agent_workload: the GUI-agent workload (full-size screenshots at the
 #       model's own pixel limit, 32 tokens) through the worker's HTTP server against
 #       `vllm serve` with the same engine arguments, both on one GPU (0.42 of it each).
+#   MODE=queue bash benchmarks/gpu_bench.sh OUTDIR [LABEL] [extra args...]
+#       benchmarks.queue_concurrency: MAX_CONCURRENCY 16, 32 and 64 as deployed, the worker
+#       behind a RunPod-style job queue, a backlog of the agent workload's jobs per round.
 #   MODE=parallel bash benchmarks/gpu_bench.sh OUTDIR [LABEL] [extra args...]
 #       benchmarks.parallel_gpus: one GPU, TENSOR_PARALLEL_SIZE=2 and DATA_PARALLEL_SIZE=2,
 #       each alone on a two-GPU machine, on the agent workload (--configs one,tp2,dp2).
@@ -28,6 +31,12 @@ if [ "${MODE:-bench}" = parallel ]; then
   # Each configuration alone on the machine: the whole of each GPU it uses.
   export GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-0.9} MAX_MODEL_LEN=${MAX_MODEL_LEN:-16384}
   python3 -m benchmarks.parallel_gpus --out "$OUTDIR" --label "$LABEL" "$@" 2>&1 | tee "$OUTDIR/bench.log"
+  exit "${PIPESTATUS[0]}"
+fi
+if [ "${MODE:-bench}" = queue ]; then
+  # The worker alone on the GPU, as deployed.
+  export GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-0.9} MAX_MODEL_LEN=${MAX_MODEL_LEN:-16384}
+  python3 -m benchmarks.queue_concurrency --out "$OUTDIR" --label "$LABEL" "$@" 2>&1 | tee "$OUTDIR/bench.log"
   exit "${PIPESTATUS[0]}"
 fi
 if [ "${MODE:-bench}" = agent ]; then
