@@ -79,11 +79,16 @@ def round_stats(jobs: list[QueuedJob], max_tokens: int) -> dict[str, Any]:
     }
 
 
-def start_worker(queue: RunpodQueue, concurrency: int, log_path: Path) -> subprocess.Popen:
+def start_worker(
+    queue: RunpodQueue, concurrency: int, log_path: Path, tree: Path = ROOT
+) -> subprocess.Popen:
+    """The worker from ``tree``'s sources (this checkout, or ``--base``'s) as deployed."""
     env = {**os.environ, **queue.env(), "MAX_CONCURRENCY": str(concurrency)}
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != ROOT / "src"]
+    env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), str(tree), *rest])
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, str(ROOT / "handler.py")], cwd=ROOT, env=env, stdout=log,
+            [sys.executable, str(tree / "handler.py")], cwd=tree, env=env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
@@ -99,15 +104,17 @@ def stop_worker(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_setting(concurrency: int, args: argparse.Namespace, out: Path,
-                images: Screenshots) -> list[dict]:  # fmt: skip
-    """One setting's backlogs: its first after start, then ``args.rounds`` rounds."""
+def run_setting(concurrency: int, args: argparse.Namespace, out: Path, images: Screenshots,
+                tree: str = "worker") -> list[dict]:  # fmt: skip
+    """One setting's backlogs: its first after start, then ``args.rounds`` rounds.
+    ``tree``: ``worker`` (this checkout) or ``base`` (``--base``'s sources)."""
     shape = Shape.parse(args.shape)
     rows: list[dict] = []
     with RunpodQueue(hold_s=2.0) as queue:
-        log_path = out / f"worker-{concurrency}.log"
+        log_path = out / f"{tree}-{concurrency}.log"
         began = time.perf_counter()
-        proc = start_worker(queue, concurrency, log_path)
+        source = ROOT if tree == "worker" else Path(args.base)
+        proc = start_worker(queue, concurrency, log_path, source)
         try:
             while not queue.first_poll.wait(1):
                 if proc.poll() is not None:
@@ -116,7 +123,7 @@ def run_setting(concurrency: int, args: argparse.Namespace, out: Path,
                 if time.perf_counter() - began > 900:
                     raise RuntimeError("worker did not poll for jobs in 900 s")
             started = round(time.perf_counter() - began, 1)
-            print(f"MAX_CONCURRENCY={concurrency}: polling after {started} s", flush=True)
+            print(f"{tree} MAX_CONCURRENCY={concurrency}: polling after {started} s", flush=True)
             plan = [(-1, args.first_jobs)] if args.first_jobs else []
             plan += [(r, args.jobs) for r in range(args.rounds)]
             gpu = GpuBusy()
@@ -125,9 +132,10 @@ def run_setting(concurrency: int, args: argparse.Namespace, out: Path,
                 inputs = [native_job(u, shape, args.max_tokens)["input"] for u in uris]
                 queue.max_in_flight = 0
                 with gpu:
-                    ids = queue.submit(inputs, prefix=f"c{concurrency}-r{rnd}")
+                    ids = queue.submit(inputs, prefix=f"{tree}-c{concurrency}-r{rnd}")
                     jobs = queue.wait(ids, timeout=900)
                 row = round_stats(jobs, args.max_tokens) | {
+                    "tree": tree,
                     "concurrency": concurrency,
                     "round": rnd,
                     "shape": shape.label,
@@ -137,9 +145,9 @@ def run_setting(concurrency: int, args: argparse.Namespace, out: Path,
                 }
                 rows.append(row)
                 partial = {"device": device_name(), "rounds": rows}
-                (out / f"partial-{concurrency}.json").write_text(json.dumps(partial))
+                (out / f"partial-{tree}-{concurrency}.json").write_text(json.dumps(partial))
                 tag = "first" if rnd < 0 else f"r{rnd}"
-                print(f"MAX_CONCURRENCY={concurrency} {tag}: {row['jobs_per_s']} jobs/s, p50 "
+                print(f"{tree} MAX_CONCURRENCY={concurrency} {tag}: {row['jobs_per_s']} jobs/s, p50 "
                       f"{row['p50_ms']} ms (in worker {row['worker_p50_ms']}), in flight "
                       f"{row['max_in_flight']}, busy {row['gpu_busy']}, errors "
                       f"{len(row['errors'])}", flush=True)  # fmt: skip
@@ -149,20 +157,31 @@ def run_setting(concurrency: int, args: argparse.Namespace, out: Path,
 
 
 def table(rows: list[dict], against: int = DEFAULT) -> list[dict]:
-    """Per setting: medians over rounds and jobs/s against ``against``'s (the default)."""
+    """Per source tree and setting: medians over rounds, jobs/s against ``against``'s (the
+    default) of the same tree, and against the base tree's at the same setting."""
     good = [r for r in rows if r["round"] >= 0 and not r["errors"]]
-    base = [r["jobs_per_s"] for r in good if r["concurrency"] == against]
+
+    def rates(tree: str, c: int) -> list[float]:
+        return [r["jobs_per_s"] for r in good if (r.get("tree", "worker"), r["concurrency"])
+                == (tree, c)]  # fmt: skip
+
     out = []
-    for c in sorted({r["concurrency"] for r in good}):
-        cell = [r for r in good if r["concurrency"] == c]
-        row: dict[str, Any] = {"concurrency": c, "rounds": len(cell)}
+    cells = sorted({(r.get("tree", "worker"), r["concurrency"]) for r in good},
+                   key=lambda k: (k[0] != "worker", k[1]))  # fmt: skip
+    for tree, c in cells:
+        cell = [r for r in good if (r.get("tree", "worker"), r["concurrency"]) == (tree, c)]
+        row: dict[str, Any] = {"tree": tree, "concurrency": c, "rounds": len(cell)}
         for key in ("jobs_per_s", "p50_ms", "p95_ms", "worker_p50_ms", "queue_wait_p50_ms",
                     "max_in_flight", "gpu_busy"):  # fmt: skip
             values = [r[key] for r in cell if r[key] is not None]
             row[key] = round(float(np.median(values)), 3) if values else None
+        base = rates(tree, against)
         if c != against and base:
-            ratio, low, high = unpaired_ratio([r["jobs_per_s"] for r in cell], base)
+            ratio, low, high = unpaired_ratio(rates(tree, c), base)
             row |= {"ratio": round(ratio, 3), "ci95": [round(low, 3), round(high, 3)]}
+        if tree == "worker" and rates("base", c):
+            ratio, low, high = unpaired_ratio(rates(tree, c), rates("base", c))
+            row |= {"to_base": round(ratio, 3), "to_base_ci95": [round(low, 3), round(high, 3)]}
         out.append(row)
     return out
 
@@ -172,21 +191,23 @@ def markdown(result: dict[str, Any]) -> str:
         f"# MAX_CONCURRENCY behind a queue: {result['device']}, vLLM {result['vllm']}, "
         f"{result['jobs']} jobs queued at once, ratios to {result['against']}",
         "",
-        "| MAX_CONCURRENCY | rounds | jobs/s | p50 ms | p95 ms | in worker p50 ms | queue wait p50 ms | in flight | GPU busy | jobs/s to default (95 % CI) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| tree | MAX_CONCURRENCY | rounds | jobs/s | p50 ms | p95 ms | in worker p50 ms | queue wait p50 ms | in flight | GPU busy | jobs/s to default (95 % CI) | jobs/s to base (95 % CI) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["table"]:
         ratio = f"{r['ratio']:.3f} ({r['ci95'][0]:.3f} to {r['ci95'][1]:.3f})" if "ratio" in r \
             else "-"  # fmt: skip
+        to_base = (f"{r['to_base']:.3f} ({r['to_base_ci95'][0]:.3f} to "
+                   f"{r['to_base_ci95'][1]:.3f})" if "to_base" in r else "-")  # fmt: skip
         lines.append(
-            f"| {r['concurrency']} | {r['rounds']} | {r['jobs_per_s']} | {r['p50_ms']} | "
+            f"| {r.get('tree', 'worker')} | {r['concurrency']} | {r['rounds']} | {r['jobs_per_s']} | {r['p50_ms']} | "
             f"{r['p95_ms']} | {r['worker_p50_ms']} | {r['queue_wait_p50_ms']} | "
-            f"{r['max_in_flight']} | {r['gpu_busy']} | {ratio} |"
+            f"{r['max_in_flight']} | {r['gpu_busy']} | {ratio} | {to_base} |"
         )
     lines += ["", "First backlog after start, jobs/s:", ""]
     for r in result["rounds"]:
         if r["round"] < 0:
-            lines.append(f"- {r['concurrency']}: {r['jobs_per_s']} ({r['jobs']} jobs; polling "
+            lines.append(f"- {r.get('tree', 'worker')} {r['concurrency']}: {r['jobs_per_s']} ({r['jobs']} jobs; polling "
                          f"{r['start_s']} s after start)")  # fmt: skip
     return "\n".join(lines)
 
@@ -202,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--image-workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--base", help="another source tree of the worker, measured too")
+    parser.add_argument("--base-concurrency", default=str(DEFAULT),
+                        help="the settings the base tree runs, each after this tree's")  # fmt: skip
     parser.add_argument("--against", type=int, default=DEFAULT, help="the setting ratios are to")
     parser.add_argument("--combine", nargs="+", help="result or partial files to merge")
     args = parser.parse_args(argv)
@@ -216,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         images = Screenshots(args.image_workers)
         rows = []
         try:
+            base_levels = {int(v) for v in args.base_concurrency.split(",")} if args.base else set()
             for c in (int(v) for v in args.concurrency.split(",")):
                 rows += run_setting(c, args, out, images)
+                if c in base_levels:
+                    rows += run_setting(c, args, out, images, tree="base")
         finally:
             images.close()
     result = {

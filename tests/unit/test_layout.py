@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import vlm_worker
+from vlm_worker.adapters import runpod as runpod_adapter
 from vlm_worker.adapters import transformers as transformers_adapter
 from vlm_worker.adapters import vllm as vllm_adapter
 
@@ -16,7 +17,7 @@ PACKAGE = Path(vlm_worker.__file__).parent
 
 #: Module paths below the libraries' public API: only the adapters import them.
 PRIVATE_IMPORTS = re.compile(
-    r"^(ctypes|vllm\.(v1|model_executor)|transformers\.(models|image_processing_backends"
+    r"^(ctypes|runpod\.serverless\.modules|vllm\.(v1|model_executor)|transformers\.(models|image_processing_backends"
     r"|image_transforms|image_utils))(\.|$)"
 )
 
@@ -107,6 +108,8 @@ def test_adapters_name_the_versions_the_project_pins():
     for release in vllm_adapter.CHECKED_AGAINST:
         assert release in vllm_adapter.__doc__
     assert transformers_adapter.CHECKED_AGAINST in transformers_adapter.__doc__
+    assert f'"runpod=={runpod_adapter.CHECKED_AGAINST}"' in pyproject
+    assert runpod_adapter.CHECKED_AGAINST in runpod_adapter.__doc__
 
 
 def test_the_engine_protocol_holds_only_what_the_job_path_uses():

@@ -22,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from vlm_worker.adapters.runpod import persist_job_ids_only
 from vlm_worker.contract.errors import ConfigError
 from vlm_worker.serving.local_run import local_job, run_local
 from vlm_worker.serving.worker import (
@@ -78,6 +79,7 @@ def main(
         sys.exit(EXIT_OK if ok else EXIT_FAILURE)
     worker.start_watchdog()
     stop_engine_on_sigterm(worker)
+    persist_job_ids_only()
     try:
         runpod.serverless.start(worker.runpod_config())
     finally:
