@@ -132,3 +132,14 @@ def test_a_job_runpod_cancels_is_aborted_and_frees_its_slot(deployed):
         time.sleep(0.2)
     assert _logged(log_path, "job cancelled", second)
     assert proc.poll() is None, "stopping jobs leaves the worker serving"
+
+
+def test_sigterm_stops_the_deployed_worker_cleanly(deployed):
+    """RunPod scales a worker down with SIGTERM: the SDK's loop ends, the engine stops,
+    and that is not reported as an engine death (nor exits as one). Runs last."""
+    queue, proc, log_path = deployed
+    proc.terminate()
+    assert proc.wait(timeout=90) == 0, _tail(log_path)
+    text = log_path.read_text(errors="replace")
+    assert "engine is dead" not in text, _tail(log_path)
+    assert "SIGTERM: stopping the engine" in text or "Received shutdown signal" in text

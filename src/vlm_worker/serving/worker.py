@@ -66,6 +66,8 @@ class Worker:
     engine: VllmEngine
     runner: JobRunner
     exiting: bool = field(default=False, init=False)
+    #: Set by ``shutdown``: from then on a closed engine is our doing, not a death.
+    stopping: bool = field(default=False, init=False)
     openai: OpenAIRoute = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +137,7 @@ class Worker:
 
     def shutdown(self) -> None:
         """Stop vLLM's engine processes and the image workers."""
+        self.stopping = True
         self.engine.shutdown()
         self.runner.images.shutdown()
 
@@ -142,8 +145,10 @@ class Worker:
         """Notice an engine that dies between jobs, not only during one."""
 
         def watch() -> None:
-            while not self.exiting:
-                if self.engine.dead:
+            while not (self.exiting or self.stopping):
+                # ``stopping`` is set before the engine closes, so a closed engine seen
+                # here with it unset did die
+                if self.engine.dead and not self.stopping:
                     self.on_fatal(EngineDead("the engine process died while idle"))
                     return
                 time.sleep(interval)
