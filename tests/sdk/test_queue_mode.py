@@ -137,7 +137,7 @@ def test_a_job_runpod_cancels_is_aborted_and_frees_its_slot(deployed):
 def test_sigterm_stops_the_deployed_worker_cleanly(deployed):
     """RunPod scales a worker down with SIGTERM: the SDK's loop ends, the engine stops,
     and that is not reported as an engine death (nor exits as one). Runs last."""
-    queue, proc, log_path = deployed
+    _queue, proc, log_path = deployed
     proc.terminate()
     assert proc.wait(timeout=90) == 0, _tail(log_path)
     text = log_path.read_text(errors="replace")

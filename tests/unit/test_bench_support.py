@@ -315,3 +315,53 @@ def test_parallel_configs_compare_unpaired_rounds_to_one_gpu():
     assert rows["dp2"]["rounds"] == 3 and rows["dp2"]["ratio"] == pytest.approx(1.88, abs=0.01)
     assert rows["dp2"]["dp_target_met"] is (rows["dp2"]["ci95"][0] >= 1.8)
     assert "dp_target_met" not in rows["tp2"]
+
+
+def test_committed_queue_runs_hold_the_table_their_rounds_give():
+    """The MAX_CONCURRENCY runs behind a job queue: each file's table follows from its
+    rounds, and the figures record 0011 quotes are those."""
+    from benchmarks.queue_concurrency import round_stats, table
+
+    files = sorted((RESULTS / "queue").glob("2026-*.json"))
+    assert len(files) == 2
+    cells = {}
+    for f in files:
+        result = json.loads(f.read_text())
+        assert table(result["rounds"], result["against"]) == result["table"], f.name
+        assert all(not r["errors"] and r["jobs"] in (32, 128) for r in result["rounds"])
+        for row in result["table"]:
+            cells[(f.stem.removeprefix("2026-12-01-h200-"), row["tree"], row["concurrency"])] = row
+    assert cells[("ids-only", "worker", 32)]["ratio"] == 1.381
+    assert cells[("ids-only", "worker", 16)]["to_base"] == 1.116
+    assert cells[("before-ids-only", "worker", 64)]["jobs_per_s"] == 4.654
+
+    # the ratios across the two leases that docs/benchmarks.md and record 0011 quote
+    from benchmarks.parallel_gpus import unpaired_ratio
+
+    runs = {f.stem.removeprefix("2026-12-01-h200-"): json.loads(f.read_text()) for f in files}
+
+    def rates(run: str, tree: str, c: int) -> list[float]:
+        return [r["jobs_per_s"] for r in runs[run]["rounds"]
+                if r["round"] >= 0 and (r.get("tree", "worker"), r["concurrency"]) == (tree, c)]  # fmt: skip
+
+    def across(new: tuple[str, int], old: tuple[str, int]) -> list[float]:
+        ratio = unpaired_ratio(rates("ids-only", *new), rates("before-ids-only", "worker", old[1]))
+        return [round(x, 3) for x in ratio]
+
+    assert across(("worker", 16), ("worker", 16))[0] == 1.114
+    assert across(("worker", 32), ("worker", 32)) == [1.367, 1.332, 1.403]
+    assert across(("worker", 64), ("worker", 64)) == [1.585, 1.554, 1.617]
+    assert across(("worker", 32), ("worker", 16)) == [1.537, 1.519, 1.556]
+    assert across(("base", 16), ("worker", 16)) == [0.998, 0.985, 1.011]
+
+    # the per-round numbers: wall clock from the first queueing to the last result
+    from benchmarks.runpod_queue import QueuedJob
+
+    jobs = [QueuedJob(f"j{i}", {}, 0.0, taken=i * 0.5, done=1.0 + i * 0.5) for i in range(4)]
+    for j in jobs:
+        j.result = {"output": [{"usage": {"completion_tokens": 32}}]}
+    stats = round_stats(jobs, 32)
+    assert stats["wall_s"] == 2.5 and stats["jobs_per_s"] == 1.6 and stats["errors"] == []
+    assert stats["worker_p50_ms"] == 1000.0
+    jobs[0].result = {"error": '{"type": "invalid_input"}'}
+    assert len(round_stats(jobs, 32)["errors"]) == 1

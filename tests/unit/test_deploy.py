@@ -364,7 +364,7 @@ def test_worker_settings_keep_their_type_range_and_help():
         description=WorkerSettings.__dataclass_fields__["max_concurrency"].metadata["help"],
         category="Worker",
         kind="number",
-        default=16,
+        default=32,
         minimum=1,
         maximum=1024,
     )
@@ -382,7 +382,7 @@ def test_hub_listing():
     assert inputs["MODEL_NAME"]["default"].startswith("Qwen/Qwen2.5-VL")
     assert (inputs["WARMUP"]["type"], inputs["WARMUP"]["default"]) == ("boolean", True)
     assert (inputs["WARMUP"]["trueValue"], inputs["WARMUP"]["falseValue"]) == ("true", "false")
-    assert inputs["MAX_CONCURRENCY"]["min"] == 1 and inputs["MAX_CONCURRENCY"]["default"] == 16
+    assert inputs["MAX_CONCURRENCY"]["min"] == 1 and inputs["MAX_CONCURRENCY"]["default"] == 32
     assert "default" not in inputs["HF_TOKEN"] and not inputs["HF_TOKEN"]["advanced"]
     for preset in config["presets"]:
         assert set(preset["defaults"]) <= set(inputs)

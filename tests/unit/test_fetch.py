@@ -640,11 +640,13 @@ def test_settings_build_the_fetch_limits():
         "ALLOW_PRIVATE_IMAGE_URLS": "true",
         "MAX_IMAGE_BYTES": "1234",
         "IMAGE_FETCH_TIMEOUT": "2.5",
+        "MAX_CONCURRENCY": "16",
     }
     limits = FetchLimits.from_settings(load_worker_settings(env))
     assert limits == FetchLimits(1234, 2.5, ("example.com", "cdn.example.org"), True, 5)
+    # defaults: 32 jobs x 4 images
     assert FetchLimits.from_settings(load_worker_settings({})) == FetchLimits(
-        20 * 1024 * 1024, 15.0, (), False, 5
+        20 * 1024 * 1024, 15.0, (), False, 5, 128
     )
 
 
@@ -827,4 +829,5 @@ def test_every_job_has_its_share_of_connections():
         load_worker_settings({"MAX_CONCURRENCY": "32", "MAX_IMAGES_PER_JOB": "4"})
     )
     assert limits.max_connections == 128
-    assert FetchLimits.from_settings(load_worker_settings({})).max_connections == 64
+    few = load_worker_settings({"MAX_CONCURRENCY": "4"})
+    assert FetchLimits.from_settings(few).max_connections == 64  # the floor

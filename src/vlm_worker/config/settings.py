@@ -83,8 +83,11 @@ class WorkerSettings:
         category="Model",
     )
     max_concurrency: int = _setting(
-        16,
-        "Jobs this worker runs at once; they share the engine through continuous batching.",
+        32,
+        "Jobs this worker runs at once; they share the engine through continuous batching. "
+        "The SDK refills a full worker once a second, so a low value leaves the GPU idle "
+        "between jobs; a high one holds jobs here that other workers could start "
+        "(docs/benchmarks.md).",
         category="Worker",
         minimum=1,
         maximum=1024,
