@@ -2,7 +2,8 @@
 # The GPU benchmarks on a Qwen2.5-VL-7B-shaped model with random weights (vLLM's
 # load_format=dummy). Runs where vLLM 0.26.0 is importable (on this workplace's device
 # machines: after the carried bundle is unpacked and its device-env.sh sourced), from the
-# repository root.
+# repository root. Build that bundle with the worker's own needs as its extra file:
+#   bash ../shared/gpu/build-bundle.sh /tmp/gpu-bundle benchmarks/gpu-requirements.txt
 #
 #   bash benchmarks/gpu_bench.sh OUTDIR [LABEL] [extra args...]
 #       benchmarks.bench: the handler against the bare engine, 128 tokens per job;

@@ -365,3 +365,27 @@ def test_committed_queue_runs_hold_the_table_their_rounds_give():
     assert stats["worker_p50_ms"] == 1000.0
     jobs[0].result = {"error": '{"type": "invalid_input"}'}
     assert len(round_stats(jobs, 32)["errors"]) == 1
+
+
+def test_the_gpu_bundle_requirements_cover_every_runtime_dependency():
+    """The GPU machines install nothing: a dependency the bundle lacks fails the worker's
+    start there, after minutes of device time (aiodns did). Each of pyproject's runtime
+    dependencies is pinned in the file or named as provided by the image or vLLM's bundle."""
+    import re
+
+    import tomllib
+
+    root = RESULTS.parent.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    text = (root / "benchmarks" / "gpu-requirements.txt").read_text()
+    provided = next(line for line in text.splitlines() if line.startswith("# provided-there:"))
+    covered = {norm(n) for n in provided.split(":", 1)[1].split()}
+    pinned = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.]*", p) for p in pinned), pinned
+    covered |= {norm(p.split("==")[0]) for p in pinned}
+    missing = [d for d in deps if norm(re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0]) not in covered]
+    assert not missing, f"add to benchmarks/gpu-requirements.txt: {missing}"
