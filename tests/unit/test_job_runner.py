@@ -200,6 +200,46 @@ async def test_engine_stream_that_ends_unfinished_still_ends_the_job():
     assert "".join(d.text for d in deltas) == "hi"
 
 
+def test_engine_asks_vllm_for_its_stats_lines_until_it_stops():
+    """`vllm serve` logs vLLM's throughput lines by calling ``do_log_stats`` on a timer;
+    the worker does too, a failing call is only logged, and shutdown ends the timer."""
+    import threading
+    import time
+
+    from vlm_worker.engine.vllm_engine import VllmEngine, _run_loop
+
+    class StatsLLM:
+        errored = False
+        calls = 0
+        stopped = False
+
+        async def do_log_stats(self) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("a bad stats line")
+
+        def shutdown(self) -> None:
+            self.stopped = True
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    thread = threading.Thread(target=_run_loop, args=(loop, ready), daemon=True)
+    thread.start()
+    ready.wait()
+    llm = StatsLLM()
+    engine = VllmEngine(llm, None, loop, thread)
+    engine.log_stats_every(0.01)
+    deadline = time.monotonic() + 5
+    while llm.calls < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert llm.calls >= 4, "the timer survives a call that raised"
+    engine.shutdown()
+    assert llm.stopped and not thread.is_alive()
+    calls = llm.calls
+    time.sleep(0.05)
+    assert llm.calls == calls
+
+
 async def test_request_carries_token_ids_and_content_ids(info):
     """vLLM gets the prompt tokenized and each image's content id, so its event loop
     neither tokenizes nor hashes pixels."""

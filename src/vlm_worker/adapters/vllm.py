@@ -47,6 +47,9 @@ each is for, and what breaks if it moves:
   does, instead of on the engine's event loop, where vLLM's raw-prompt path runs it and
   stalls every other request's output meanwhile. If it moves, jobs with images fail in
   every engine test.
+* ``vllm.envs.VLLM_LOG_STATS_INTERVAL``: how often ``vllm serve`` asks ``AsyncLLM`` to log
+  its throughput and KV-cache lines (``do_log_stats``, public); the worker asks as often.
+  If it moves, the worker falls back to vLLM's documented 10 s.
 * The text of the ``ValueError`` vLLM raises for a prompt longer than ``max_model_len``.
   It has no exception class of its own; a changed wording turns ``prompt_too_long`` into
   ``invalid_input`` (the test suite sends such a prompt through the real engine).
@@ -297,6 +300,13 @@ def video_loader_for(video_processor: Any) -> str:
 
     name = None if video_processor is None else type(video_processor).__name__
     return get_video_loader_backend_for_processor(name) or envs.VLLM_VIDEO_LOADER_BACKEND
+
+
+def log_stats_interval() -> float:
+    """Seconds between vLLM's stats lines, as ``vllm serve`` reads them."""
+    from vllm import envs
+
+    return float(getattr(envs, "VLLM_LOG_STATS_INTERVAL", 10.0))
 
 
 def max_video_frame_pixels() -> int:

@@ -11,6 +11,7 @@ serve whatever loop the SDK happens to use. Deltas cross loops with
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from vlm_worker.adapters.vllm import (
     engine_exception_types,
     engine_input,
     is_prompt_too_long,
+    log_stats_interval,
     num_unfinished_requests,
     request_error_types,
     serving_usage_context,
@@ -50,6 +52,7 @@ class VllmEngine:
         self._loop = loop
         self._thread = thread
         self._closed = False
+        self._stats: concurrent.futures.Future[None] | None = None
 
     # ---------------------------------------------------------------- start / stop
     @classmethod
@@ -95,9 +98,26 @@ class VllmEngine:
             engine.shutdown()
             raise
         engine = cls(llm, info, loop, thread)
+        if getattr(llm, "log_stats", False):  # DISABLE_LOG_STATS=true turns it off
+            engine.log_stats_every(log_stats_interval())
         if on_start is not None:
             on_start(llm, loop)
         return engine
+
+    def log_stats_every(self, interval: float) -> None:
+        """vLLM's periodic throughput, queue and KV-cache lines (one per data parallel
+        engine), as `vllm serve` logs them: ``AsyncLLM`` records the stats, but only a
+        server's loop asks it to log them."""
+
+        async def tick() -> None:
+            while not self._closed:
+                await asyncio.sleep(interval)
+                try:
+                    await self._llm.do_log_stats()
+                except Exception as exc:  # a stats line must never take the engine down
+                    log.debug("vLLM stats logging raised %s", type(exc).__name__)
+
+        self._stats = asyncio.run_coroutine_threadsafe(tick(), self._loop)
 
     def shutdown(self) -> None:
         """Stop the engine core process and the loop thread; safe to call twice."""
@@ -106,6 +126,8 @@ class VllmEngine:
         self._closed = True
 
         async def stop() -> None:
+            if self._stats is not None:
+                self._stats.cancel()
             self._llm.shutdown()
 
         try:
