@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from support.jobs import collect, data_uri, screenshot
-from support.server import ROOT
+from support.server import ROOT, stop_process
 from vlm_worker.adapters.vllm import serve_mm_kwargs_flags
 
 pytestmark = pytest.mark.engine
@@ -90,11 +90,7 @@ def vllm_server(tiny_model: str) -> Iterator[str]:
                 time.sleep(1)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def vllm_answer(base: str, body: dict[str, Any], route: str = "/v1/chat/completions") -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from test_sdk import worker_env
 
 from support.lora import build_lora_adapter
-from support.server import start_api_server
+from support.server import start_api_server, stop_process
 
 pytestmark = pytest.mark.engine
 
@@ -36,11 +35,7 @@ def lora_server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
     env = worker_env(ENABLE_LORA="true", MAX_LORA_RANK="8", LORA_MODULES=f"tiny-lora={folder}")
     proc, base = start_api_server(env)
     yield base, folder
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc)
 
 
 def chat(model: str) -> dict:

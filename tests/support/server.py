@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 #: The repository's root, where ``handler.py`` and ``test_input.json`` are.
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,3 +81,44 @@ def start_api_server(env: dict[str, str], timeout: float = 300) -> tuple[Any, st
                 proc.kill()
                 raise RuntimeError("API server did not come up") from None
             time.sleep(1)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM, as the platform stops a worker; SIGKILL if it outlives ``timeout``, and
+    then its children too: a killed worker leaves vLLM's engine processes running, and
+    they would slow every test after it."""
+    if proc.poll() is not None:
+        return
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(children, timeout=30)
+
+
+@contextlib.contextmanager
+def deployed_worker(queue: Any, log_path: Path, **env: str) -> Iterator[subprocess.Popen]:
+    """``python handler.py`` as RunPod runs it: the SDK's job loop polling ``queue`` (a
+    ``benchmarks.runpod_queue.RunpodQueue``), its output in ``log_path``. Yields once the
+    worker has asked for its first job; stops it on the way out, if a test has not."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "handler.py"], cwd=ROOT, env=worker_env(**queue.env(), **env),
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            if not queue.first_poll.wait(400):
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the worker never polled: {tail}")
+            yield proc
+        finally:
+            stop_process(proc)

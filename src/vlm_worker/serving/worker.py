@@ -359,9 +359,17 @@ def stop_engine_on_sigterm(worker: Worker) -> None:
     would kill this process without running ``finally`` blocks and leave the engine core
     running as an orphan holding the GPU. The SDK's queue loop installs its own handler
     while it runs and returns normally, so the ``finally`` in ``main`` covers that path.
+
+    A forked child inherits the handler with a copy of the worker: the SDK's heartbeat
+    process does, and multiprocessing ends it with SIGTERM as the worker exits. There the
+    handler just exits: stopping the copied engine would wait a minute on a loop thread
+    the fork did not copy, and hold up the worker's own exit as long.
     """
+    owner = os.getpid()
 
     def on_term(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            os._exit(0)
         log.info("SIGTERM: stopping the engine")
         worker.shutdown()
         os._exit(0)
