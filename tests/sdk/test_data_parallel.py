@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 from benchmarks.runpod_queue import RunpodQueue
 
 from support.jobs import image_job
-from support.server import deployed_worker
+from support.server import deployed_worker, log_tail
 
 pytestmark = pytest.mark.engine
 
 #: vLLM's per-engine stats line (``LoggingStatLogger``, one per data-parallel rank).
 STATS = re.compile(r"Engine (\d{3}): Avg prompt throughput: ([0-9.]+) tokens/s")
-
-
-def _tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-4000:]
 
 
 def test_two_data_parallel_engines_both_serve_and_stop_with_the_worker(tiny_model, tmp_path):
@@ -53,10 +48,10 @@ def test_two_data_parallel_engines_both_serve_and_stop_with_the_worker(tiny_mode
             time.sleep(0.5)
             text = log_path.read_text(errors="replace")
             busy = {m[1] for m in STATS.finditer(text) if float(m[2]) > 0}
-        assert busy == {"000", "001"}, _tail(log_path)
+        assert busy == {"000", "001"}, log_tail(log_path)
 
         proc.terminate()
-        assert proc.wait(timeout=120) == 0, _tail(log_path)
+        assert proc.wait(timeout=120) == 0, log_tail(log_path)
         text = log_path.read_text(errors="replace")
         assert "engine is dead" not in text and "engine shutdown raised" not in text
         _, alive = psutil.wait_procs(cores, timeout=30)

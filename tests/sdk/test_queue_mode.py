@@ -17,7 +17,7 @@ import pytest
 from benchmarks.runpod_queue import RunpodQueue
 
 from support.jobs import image_job
-from support.server import deployed_worker
+from support.server import deployed_worker, log_tail
 
 pytestmark = pytest.mark.engine
 
@@ -32,10 +32,6 @@ def deployed(tiny_model, tmp_path_factory):
         LOG_FORMAT="json", RUNPOD_PING_INTERVAL="1000",
     ) as proc:  # fmt: skip
         yield queue, proc, log_path
-
-
-def _tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-3000:]
 
 
 def _logged(path: Path, msg: str, job_id: str) -> bool:
@@ -105,7 +101,7 @@ def test_a_job_runpod_cancels_is_aborted_and_frees_its_slot(deployed):
     deadline = time.monotonic() + 10
     while not _logged(log_path, "job cancelled", first) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _logged(log_path, "job cancelled", first), _tail(log_path)
+    assert _logged(log_path, "job cancelled", first), log_tail(log_path)
 
     queue.stop(second)
     deadline = time.monotonic() + 30
@@ -121,11 +117,11 @@ def test_sigterm_stops_the_deployed_worker_cleanly(deployed):
     _queue, proc, log_path = deployed
     began = time.monotonic()
     proc.terminate()
-    assert proc.wait(timeout=90) == 0, _tail(log_path)
+    assert proc.wait(timeout=90) == 0, log_tail(log_path)
     # the SDK's heartbeat child inherits the SIGTERM handler; it must not stop a copy of
     # the engine (a minute's wait on a loop thread the fork lacks) and delay the exit
-    assert time.monotonic() - began < 40, _tail(log_path)
+    assert time.monotonic() - began < 40, log_tail(log_path)
     text = log_path.read_text(errors="replace")
-    assert "engine is dead" not in text, _tail(log_path)
-    assert "engine shutdown raised" not in text, _tail(log_path)
+    assert "engine is dead" not in text, log_tail(log_path)
+    assert "engine shutdown raised" not in text, log_tail(log_path)
     assert "SIGTERM: stopping the engine" in text or "Received shutdown signal" in text

@@ -78,9 +78,14 @@ def start_api_server(env: dict[str, str], timeout: float = 300) -> tuple[Any, st
             return proc, base
         except OSError:
             if time.monotonic() > deadline:
-                proc.kill()
+                stop_process(proc, timeout=10)
                 raise RuntimeError("API server did not come up") from None
             time.sleep(1)
+
+
+def log_tail(path: Path, chars: int = 4000) -> str:
+    """The end of a child worker's log, for an assertion's message."""
+    return path.read_text(errors="replace")[-chars:]
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -117,8 +122,7 @@ def deployed_worker(queue: Any, log_path: Path, **env: str) -> Iterator[subproce
         )  # fmt: skip
         try:
             if not queue.first_poll.wait(400):
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the worker never polled: {tail}")
+                raise RuntimeError(f"the worker never polled: {log_tail(log_path)}")
             yield proc
         finally:
             stop_process(proc)
